@@ -1,0 +1,255 @@
+"""Train a VQ tokenizer with reconstruction, LPIPS and (optionally) PatchGAN losses, through `accelerate`.
+
+`accelerate launch scripts/train_tokenizer.py --dataset digits --output_dir out/tok` runs the same code on
+one CPU, one GPU or many processes. Checkpoints are atomic and a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from tokenizer import VQTokenizer, VQTokenizerConfig
+from tokenizer.losses import VQGANLoss, VQGANLossConfig
+
+from .data import collate_images, load_image_dataset, set_image_transforms
+from .evaluate import evaluate_tokenizer
+from .images import image_grid, save_image
+from .training import (
+    ExponentialMovingAverage,
+    NonFiniteGuard,
+    add_common_training_args,
+    batches,
+    check_common_args,
+    make_accelerator,
+    make_scheduler,
+    maybe_resume,
+    progress_bar,
+    save_training_checkpoint,
+    unwrap_float32,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Where images come from (exactly one source) and how they are cropped."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", type=str, default=None, help='embedded dataset: "digits" or "natural-patches"')
+    group.add_argument("--dataset_name", type=str, default=None, help="a Hub dataset id, e.g. 'user/images'")
+    group.add_argument("--dataset_config_name", type=str, default=None)
+    group.add_argument("--train_data_dir", type=str, default=None, help="a local image folder (imagefolder layout)")
+    group.add_argument("--image_column", type=str, default=None)
+    group.add_argument("--label_column", type=str, default=None)
+    group.add_argument("--cache_dir", type=str, default=None)
+    group.add_argument("--resolution", type=int, default=32, help="training crop size in pixels")
+    group.add_argument("--validation_split", type=float, default=0.05)
+    group.add_argument("--max_train_samples", type=int, default=None)
+    group.add_argument("--no_random_flip", action="store_true")
+    group.add_argument("--strict_data", action="store_true", help="fail on unreadable images instead of skipping")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_tokenizer_args(parser)
+    return parser
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=str, default="small-f4",
+                        help="a tokenizer preset name (tiny, small-f4, f8-16384, f16-16384) or a config.json path")
+    parser.add_argument("--in_channels", type=int, default=None, help="image channels (default: from the data)")
+    parser.add_argument("--codebook_size", type=int, default=None, help="override the preset's codebook size")
+    add_data_args(parser)
+    add_common_training_args(parser)
+    group = parser.add_argument_group("losses")
+    group.add_argument("--l1_weight", type=float, default=1.0)
+    group.add_argument("--l2_weight", type=float, default=0.0)
+    group.add_argument("--perceptual_weight", type=float, default=0.0,
+                       help="LPIPS weight (needs the VGG16 trunk weights: see --lpips_weights)")
+    group.add_argument("--lpips_weights", type=str, default=None, help="local path to torchvision's vgg16 weights")
+    group.add_argument("--adversarial_weight", type=float, default=0.0, help="PatchGAN weight (0 = no GAN)")
+    group.add_argument("--disc_start", type=int, default=0, help="step at which the discriminator starts")
+    group.add_argument("--disc_loss", type=str, default="hinge", choices=["hinge", "non_saturating"])
+    group.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
+    group.add_argument("--lecam_weight", type=float, default=0.0)
+    group.add_argument("--channels_last", action="store_true", help="channels_last memory format (faster convs)")
+    group.add_argument("--num_validation_images", type=int, default=16)
+    group.add_argument("--max_validation_batches", type=int, default=8)
+
+
+def build_tokenizer_config(args: argparse.Namespace, in_channels: int) -> VQTokenizerConfig:
+    overrides = {"in_channels": args.in_channels or in_channels}
+    if args.codebook_size is not None:
+        overrides["quantizer"] = {"codebook_size": args.codebook_size}
+    if Path(args.config).suffix == ".json":
+        data = json.loads(Path(args.config).read_text())
+        config = VQTokenizerConfig.from_dict(data, source=args.config)
+        data = config.to_dict()
+        data.pop("config_version")
+        data.update({k: v for k, v in overrides.items() if k != "quantizer"})
+        if "quantizer" in overrides:
+            data["quantizer"] = {**data["quantizer"], **overrides["quantizer"]}
+        return VQTokenizerConfig.from_dict(data, source=args.config)
+    return VQTokenizerConfig.from_preset(args.config, **overrides)
+
+
+def load_data(args: argparse.Namespace, channels: int | None = None):
+    """Train/validation splits with transforms; returns (datasets, channels, source description)."""
+    datasets = load_image_dataset(
+        dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, embedded=args.dataset,
+        dataset_config_name=args.dataset_config_name, image_column=args.image_column, label_column=args.label_column,
+        validation_split=args.validation_split, resolution=args.resolution, seed=args.seed, cache_dir=args.cache_dir,
+        strict_data=args.strict_data, max_samples=args.max_train_samples,
+    )
+    if channels is None:
+        channels = 1 if datasets["train"][0]["image"].mode in ("L", "1", "I;16") else 3
+    datasets = set_image_transforms(datasets, resolution=args.resolution, channels=channels,
+                                    random_flip=not args.no_random_flip)
+    source = args.dataset or args.dataset_name or args.train_data_dir
+    return datasets, channels, source
+
+
+def train_tokenizer(args: argparse.Namespace) -> Path:
+    """Run the training described by `args`; returns the folder of the exported tokenizer."""
+    check_common_args(args)
+    accelerator = make_accelerator(args)
+    datasets, channels, source = load_data(args, args.in_channels)
+    config = build_tokenizer_config(args, channels)
+    model = VQTokenizer(config)
+    loss_fn = VQGANLoss(VQGANLossConfig(
+        l1_weight=args.l1_weight, l2_weight=args.l2_weight, perceptual_weight=args.perceptual_weight,
+        adversarial_weight=args.adversarial_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
+        lecam_weight=args.lecam_weight, lpips_trunk_weights=args.lpips_weights, disc_in_channels=config.in_channels,
+    ))
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    train_loader = DataLoader(datasets["train"], batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+                              collate_fn=collate_images, num_workers=args.dataloader_num_workers)
+    val_loader = DataLoader(datasets["validation"], batch_size=args.train_batch_size, shuffle=False,
+                            collate_fn=collate_images)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                 weight_decay=args.adam_weight_decay)
+    scheduler = make_scheduler(args, optimizer)
+    model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
+        model, optimizer, scheduler, train_loader, val_loader)
+    loss_fn.to(accelerator.device)
+    disc_optimizer = None
+    if loss_fn.uses_discriminator:
+        disc_optimizer = torch.optim.Adam(loss_fn.discriminator.parameters(),
+                                          lr=args.disc_learning_rate or args.learning_rate, betas=(0.5, 0.9))
+        disc_optimizer = accelerator.prepare(disc_optimizer)
+
+    ema = ExponentialMovingAverage(unwrap_float32(accelerator, model), args.ema_decay) if args.use_ema else None
+    # The loss module holds the discriminator and LeCam statistics: checkpointed, never exported.
+    extra_state = {"loss": loss_fn, **({"ema": ema} if ema else {})}
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    step = maybe_resume(accelerator, args, guard, extra_state)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("vqstack-tokenizer", config={k: v for k, v in vars(args).items()
+                                                             if isinstance(v, (int, float, str, bool))})
+    bar = progress_bar(accelerator, args, step, "tokenizer")
+    data = batches(accelerator, train_loader, step)
+    last_metrics: dict = {}
+    while step < args.max_train_steps:
+        for _ in range(args.gradient_accumulation_steps):
+            batch = next(data)
+            logs = _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_optimizer, batch, step,
+                                     args, guard)
+        step += 1
+        if ema is not None:
+            ema.update(unwrap_float32(accelerator, model))
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "rec", "usage", "perplexity")})
+        accelerator.log(logs, step=step)
+        if step % args.validation_steps == 0 or step == args.max_train_steps:
+            last_metrics = _validate(accelerator, model, val_loader, args, step)
+        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            save_training_checkpoint(accelerator, args, step, guard, extra_state)
+    bar.close()
+    return _export(accelerator, model, ema, args, source, step, last_metrics, guard)
+
+
+def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_optimizer, batch, step, args, guard):
+    pixels = batch["pixel_values"]
+    if args.channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            out = model(pixels)
+        last_layer = unwrap_float32(accelerator, model).get_last_layer()
+        loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, out.quantizer_loss, last_layer, step)
+        if guard.is_bad(accelerator, loss):
+            optimizer.zero_grad(set_to_none=True)
+            return {"skipped_nonfinite_steps": guard.skipped}
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if disc_optimizer is not None and step >= args.disc_start:
+            d_loss, d_logs = loss_fn.discriminator_loss(pixels, out.reconstruction.detach(), step)
+            if not guard.is_bad(accelerator, d_loss):
+                accelerator.backward(d_loss)
+                _average_gradients(accelerator, loss_fn.discriminator)
+                disc_optimizer.step()
+            disc_optimizer.zero_grad(set_to_none=True)
+            logs.update(d_logs)
+    logs.update(loss=float(loss), usage=float(out.stats.usage), perplexity=float(out.stats.perplexity),
+                lr=scheduler.get_last_lr()[0])
+    return logs
+
+
+def _average_gradients(accelerator, module: torch.nn.Module) -> None:
+    """The discriminator is not DDP-wrapped (its loss is not its forward), so its gradients are averaged here."""
+    if accelerator.num_processes == 1:
+        return
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+
+
+def _validate(accelerator, model, val_loader, args, step) -> dict:
+    metrics, (originals, reconstructions) = evaluate_tokenizer(
+        unwrap_float32(accelerator, model), val_loader, accelerator, max_batches=args.max_validation_batches)
+    accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        count = min(args.num_validation_images, originals.shape[0])
+        grid = image_grid(torch.cat([originals[:count], reconstructions[:count]]), columns=count, scale=2)
+        folder = Path(args.output_dir) / "validation"
+        save_image(grid, folder / f"reconstructions-{step:06d}.png")
+        with open(folder / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def _export(accelerator, model, ema, args, source, step, metrics, guard) -> Path:
+    accelerator.wait_for_everyone()
+    folder = Path(args.output_dir) / "tokenizer"
+    if accelerator.is_main_process:
+        tokenizer = unwrap_float32(accelerator, model)
+        if ema is not None:
+            ema.copy_to(tokenizer)
+        tokenizer.training_info = {
+            "dataset": source, "resolution": args.resolution, "train_steps": step,
+            "batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+            "ema_weights": bool(ema), "skipped_nonfinite_steps": guard.skipped, "validation": metrics,
+        }
+        tokenizer.save_pretrained(folder)
+        if args.push_to_hub:
+            tokenizer.push_to_hub(args.hub_model_id, token=args.hub_token)
+    accelerator.end_training()
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    train_tokenizer(build_parser().parse_args(argv))

@@ -1,0 +1,213 @@
+"""What every vqstack training loop shares: flags, the Accelerator, data order, EMA, fault guards, resume.
+
+The tokenizer and prior loops (`train_tokenizer.py`, `train_prior.py`) differ only in their model and loss;
+everything that makes a run reproducible and resumable lives here, so it is written and tested once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .checkpointing import resolve_resume, save_checkpoint
+
+logger = logging.getLogger(__name__)
+TRAINING_STATE_NAME = "training_state.json"
+
+
+def add_common_training_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by all training scripts, named as in the diffusers examples."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--output_dir", type=str, required=True, help="where checkpoints, logs and the model go")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--train_batch_size", type=int, default=32, help="per-device batch size")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
+    group.add_argument("--learning_rate", type=float, default=2e-4)
+    group.add_argument("--lr_scheduler", type=str, default="constant",
+                       choices=["constant", "constant_with_warmup", "linear", "cosine"])
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.99)
+    group.add_argument("--adam_weight_decay", type=float, default=0.0)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--mixed_precision", type=str, default="no", choices=["no", "bf16", "fp16"])
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=3)
+    group.add_argument("--resume_from_checkpoint", type=str, default=None,
+                       help='a checkpoint folder, or "latest" to continue from the newest one in --output_dir')
+    group.add_argument("--validation_steps", type=int, default=500)
+    group.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the weights")
+    group.add_argument("--ema_decay", type=float, default=0.999)
+    group.add_argument("--report_to", type=str, default="none",
+                       help='tracker for accelerate ("tensorboard", "wandb", "all" or "none")')
+    group.add_argument("--max_nonfinite_steps", type=int, default=10,
+                       help="stop after this many consecutive steps with a NaN/Inf loss (each one is skipped)")
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", type=str, default=None)
+    group.add_argument("--hub_token", type=str, default=None)
+    group.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Fail early, naming the flag, before any work is done."""
+    positive = ["train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                "validation_steps", "max_nonfinite_steps"]
+    for name in positive:
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
+        raise ValueError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'your-name/your-model')")
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """An Accelerator for this run: devices, processes, precision, accumulation, trackers, seedable data order."""
+    log_with = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
+        # The sampler's order depends only on (seed, epoch), so a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    return accelerator
+
+
+def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer):
+    from transformers import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                         num_training_steps=args.max_train_steps)
+
+
+def batches(accelerator: Accelerator, dataloader, start_step: int) -> Iterator[Any]:
+    """Endless batches in (seed, epoch) order, starting right after `start_step` optimizer steps."""
+    per_epoch = len(dataloader)
+    if per_epoch == 0:
+        raise ValueError("the training dataloader is empty: the dataset has fewer examples than one batch")
+    epoch, skip = divmod(start_step * accelerator.gradient_accumulation_steps, per_epoch)
+    while True:
+        dataloader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+class ExponentialMovingAverage:
+    """EMA of a model's floating-point parameters and buffers (Polyak averaging)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for key, value in model.state_dict().items():
+            if key in self.shadow:
+                self.shadow[key].lerp_(value.detach().float(), 1.0 - self.decay)
+
+    def copy_to(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        model.load_state_dict({**state, **{k: v.to(state[k].dtype) for k, v in self.shadow.items()}}, strict=True)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise ValueError("the checkpoint's EMA tensors do not match the model")
+        self.shadow = {k: v.float() for k, v in state.items()}
+
+
+class NonFiniteGuard:
+    """Skips steps whose loss is NaN/Inf and stops the run after `limit` consecutive ones.
+
+    All processes agree (the flag is summed over processes), so none of them steps alone.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.consecutive = 0
+        self.skipped = 0
+
+    def is_bad(self, accelerator: Accelerator, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+        bad = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        if not bad:
+            self.consecutive = 0
+            return False
+        self.consecutive += 1
+        self.skipped += 1
+        warnings.warn(f"non-finite loss ({loss.item()}): step skipped ({self.skipped} skipped so far)", stacklevel=2)
+        if self.consecutive >= self.limit:
+            raise FloatingPointError(
+                f"the loss was NaN/Inf for {self.consecutive} consecutive steps (--max_nonfinite_steps={self.limit}); "
+                "stopping without saving these weights. Lower --learning_rate, use --mixed_precision no, or "
+                "resume from the last checkpoint."
+            )
+        return True
+
+
+def save_training_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int, guard: NonFiniteGuard,
+                             extra_state: dict[str, Any]) -> Path:
+    """`accelerator.save_state` plus our step counter and `extra_state` objects (EMA, loss modules), each as
+    `<name>.safetensors`, all inside one atomic checkpoint folder."""
+
+    def extra(folder: Path) -> None:
+        state = {"global_step": step, "skipped_nonfinite_steps": guard.skipped}
+        (folder / TRAINING_STATE_NAME).write_text(json.dumps(state) + "\n")
+        for name, obj in extra_state.items():
+            tensors = {k: v.detach().contiguous().cpu() for k, v in obj.state_dict().items()}
+            save_file(tensors, str(folder / f"{name}.safetensors"))
+
+    return save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, extra=extra)
+
+
+def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, guard: NonFiniteGuard,
+                 extra_state: dict[str, Any]) -> int:
+    """Load the checkpoint named by --resume_from_checkpoint; return the step to continue from (0 for a new run)."""
+    path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if path is None:
+        return 0
+    accelerator.load_state(str(path))
+    state = json.loads((path / TRAINING_STATE_NAME).read_text())
+    for name, obj in extra_state.items():
+        tensors = load_file(str(path / f"{name}.safetensors"), device=str(accelerator.device))
+        obj.load_state_dict(tensors)  # nn.Module.load_state_dict is strict by default
+    guard.skipped = state.get("skipped_nonfinite_steps", 0)
+    accelerator.print(f"resumed from {path} at step {state['global_step']}")
+    return int(state["global_step"])
+
+
+def unwrap_float32(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The bare model (no DDP / autocast wrapper), for export."""
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+
+
+def progress_bar(accelerator: Accelerator, args: argparse.Namespace, start: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=args.max_train_steps, initial=start, desc=description,
+                disable=args.no_progress or not accelerator.is_local_main_process, dynamic_ncols=True)

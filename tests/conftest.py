@@ -1,0 +1,32 @@
+"""Shared fixtures. The test suite never touches the network: the Hub libraries are put in offline mode."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def real_images():
+    """Eight 32x32 RGB crops of photos shipped inside scikit-image, as uint8 arrays (H, W, 3)."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    crops = []
+    for photo in photos:
+        h, w = photo.shape[:2]
+        for top, left in ((h // 3, w // 3), (h // 2, w // 2)):
+            patch = photo[top:top + 128:4, left:left + 128:4]  # 128px area downsampled to 32x32
+            crops.append(np.ascontiguousarray(patch[:, :, :3]))
+    return crops

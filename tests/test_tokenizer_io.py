@@ -1,0 +1,149 @@
+"""Saving, loading and pushing tokenizers; every malformed file fails with a clear error."""
+
+import json
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenizer import VQTokenizer, VQTokenizerConfig, WeightsError
+
+
+@pytest.fixture
+def saved(tmp_path) -> tuple[VQTokenizer, Path]:
+    tok = VQTokenizer.from_preset("tiny").eval()
+    tok.save_pretrained(tmp_path / "tok")
+    return tok, tmp_path / "tok"
+
+
+def test_save_writes_expected_files(saved):
+    _, folder = saved
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+
+
+def test_save_load_bit_identical(saved):
+    tok, folder = saved
+    loaded = VQTokenizer.from_pretrained(folder)
+    assert loaded.config == tok.config
+    assert loaded.image_processor == tok.image_processor
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a, b = tok.encode(x), loaded.encode(x)
+        assert torch.equal(a.indices, b.indices)
+        assert torch.equal(a.quantized, b.quantized)
+        assert torch.equal(tok.decode(a.indices), loaded.decode(b.indices))
+
+
+def test_config_json_round_trip():
+    config = VQTokenizerConfig.from_preset("f16-16384")
+    assert VQTokenizerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_config_wrong_type_named():
+    with pytest.raises(TypeError, match=r"base_channels must be int, got '64'"):
+        VQTokenizerConfig(base_channels="64")
+    with pytest.raises(TypeError, match="channel_multipliers"):
+        VQTokenizerConfig.from_dict({"channel_multipliers": [1, "2"]})
+
+
+def test_config_unknown_field_and_newer_version(tmp_path, saved):
+    _, folder = saved
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, "hidden_size": 3}))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['hidden_size'\]"):
+        VQTokenizer.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({**data, "config_version": 99}))
+    with pytest.raises(ValueError, match="config_version=99"):
+        VQTokenizer.from_pretrained(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        VQTokenizer.from_pretrained(folder)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown tokenizer preset 'huge'"):
+        VQTokenizerConfig.from_preset("huge")
+
+
+def test_missing_weights_file(saved):
+    _, folder = saved
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
+        VQTokenizer.from_pretrained(folder)
+
+
+def test_missing_folder():
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        VQTokenizer.from_pretrained("./does/not/exist")
+
+
+def test_corrupt_weights_file(saved):
+    _, folder = saved
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(WeightsError, match="corrupt, truncated"):
+        VQTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("problem", ["missing", "extra", "mis-shaped"])
+def test_mismatched_weights(saved, problem):
+    _, folder = saved
+    state = load_file(folder / "model.safetensors")
+    key = "decoder.conv_out.weight"
+    if problem == "missing":
+        del state[key]
+    elif problem == "extra":
+        state["discriminator.weight"] = torch.zeros(1)
+    else:
+        state[key] = torch.zeros(2, 2)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(WeightsError, match=problem if problem != "extra" else "unexpected tensors"):
+        VQTokenizer.from_pretrained(folder)
+
+
+def test_push_to_hub_uploads_weights_config_and_card(tmp_path):
+    tok = VQTokenizer.from_preset("tiny")
+    tok.training_info = {"dataset": "digits", "steps": 10, "validation": {"psnr": 25.5}}
+    uploaded = {}
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        uploaded.update({p.name: p.read_text() if p.suffix in (".md", ".json") else p.stat().st_size
+                         for p in folder.iterdir()})
+        return f"https://hub.example/{repo_id}/commit/1"
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tok")) as create, \
+            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
+        tok.push_to_hub("me/tok")
+    create.assert_called_once()
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md",
+            "training_info.json"} == set(uploaded)
+    card = uploaded["README.md"]
+    assert "codebook size | 64" in card and "downsampling factor | 4" in card
+    assert "digits" in card and "25.5" in card and "library_name: vqstack" in card
+
+
+def test_load_from_hub_id_uses_hub_download(saved, tmp_path):
+    _, folder = saved
+
+    def fake_download(repo_id, filename, **kwargs):
+        assert repo_id == "me/tok"
+        path = folder / filename
+        if not path.exists():
+            from huggingface_hub.errors import EntryNotFoundError
+            raise EntryNotFoundError(filename)
+        return str(path)
+
+    with mock.patch("tokenizer.weights.hf_hub_download", side_effect=fake_download), \
+            mock.patch("huggingface_hub.hub_mixin.hf_hub_download", side_effect=fake_download):
+        loaded = VQTokenizer.from_pretrained("me/tok")
+    assert loaded.codebook_size == 64
+
+
+def test_hub_unreachable_error_says_what_to_do():
+    with pytest.raises(OSError, match="could not download config.json from the Hub repo 'nobody/nothing'"):
+        VQTokenizer.from_pretrained("nobody/nothing")

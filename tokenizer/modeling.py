@@ -1,0 +1,207 @@
+"""`VQTokenizer`: images <-> integer grids, with an HF-style save / load / push API."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import ModelCard, ModelHubMixin
+from safetensors.torch import save_file
+from torch import nn
+
+from .autoencoder import Decoder, Encoder
+from .configuration import VQTokenizerConfig
+from .image_processor import PROCESSOR_CONFIG_NAME, VQImageProcessor
+from .model_card import tokenizer_model_card
+from .quantizers import CodebookStats, build_quantizer
+from .weights import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_strict, resolve_file
+
+TRAINING_INFO_NAME = "training_info.json"
+
+
+@dataclass
+class EncodeOutput:
+    """Result of `VQTokenizer.encode`."""
+
+    indices: torch.Tensor  # (B, h, w) int64 code ids
+    quantized: torch.Tensor  # (B, D, h, w) codes, straight-through to the encoder
+    commit_loss: torch.Tensor  # scalar, beta * ||z - sg[e]||^2
+    quantizer_loss: torch.Tensor  # scalar, every auxiliary quantizer term (commitment + codebook + entropy)
+    stats: CodebookStats
+
+
+@dataclass
+class TokenizerOutput:
+    """Result of `VQTokenizer.forward`: what a training step needs."""
+
+    reconstruction: torch.Tensor  # (B, C, H, W) decoder output, not clamped
+    indices: torch.Tensor  # (B, h, w)
+    quantizer_loss: torch.Tensor  # scalar, add to the reconstruction loss
+    commit_loss: torch.Tensor
+    codebook_loss: torch.Tensor
+    entropy_loss: torch.Tensor
+    stats: CodebookStats
+
+
+class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "image-tokenizer", "vqgan"]):
+    """A VQGAN-style image tokenizer: conv encoder -> codebook quantizer -> conv decoder.
+
+    `encode(pixel_values).indices` turns float images (B, C, H, W) in [-1, 1] into code ids (B, H/f, W/f);
+    `decode(indices)` turns them back into images in [-1, 1]. `image_processor` converts PIL / numpy / uint8
+    images to and from those tensors and is saved alongside the weights.
+    """
+
+    def __init__(self, config: VQTokenizerConfig, image_processor: VQImageProcessor | None = None):
+        super().__init__()
+        if not isinstance(config, VQTokenizerConfig):
+            raise TypeError(f"config must be a VQTokenizerConfig, got {type(config).__name__}; "
+                            "use VQTokenizerConfig.from_preset(name) or VQTokenizerConfig(...)")
+        self.config = config
+        self.image_processor = image_processor or VQImageProcessor(
+            channels=1 if config.in_channels == 1 else 3, crop_to_multiple=config.downsample_factor)
+        if self.image_processor.channels != config.in_channels:
+            raise ValueError(f"image_processor.channels={self.image_processor.channels} does not match "
+                             f"config.in_channels={config.in_channels}")
+        self.training_info: dict[str, Any] = {}  # data, steps, metrics: shown on the model card when known
+        self.encoder = Encoder(config)
+        self.quantizer = build_quantizer(config.quantizer, embed_dim=config.latent_channels)
+        self.decoder = Decoder(config)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> VQTokenizer:
+        """A randomly initialised tokenizer from a named preset (see `VQTokenizerConfig.from_preset`)."""
+        return cls(VQTokenizerConfig.from_preset(name, **overrides))
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    def token_grid_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Shape (h, w) of the index grid of an image of size (height, width)."""
+        self._check_size(height, width)
+        return height // self.downsample_factor, width // self.downsample_factor
+
+    # ------------------------------------------------------------------ model
+    def encode(self, pixel_values: torch.Tensor) -> EncodeOutput:
+        """Images (B, C, H, W) in [-1, 1] -> code ids (B, H/f, W/f) and their codes."""
+        self._check_pixels(pixel_values)
+        z = self.encoder(pixel_values)  # (B, D, h, w)
+        q = self.quantizer(z)
+        return EncodeOutput(q.indices, q.quantized, q.commit_loss, q.loss, q.stats)
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code ids (B, h, w) -> images (B, C, h*f, w*f) clamped to [-1, 1]."""
+        return self.decode_latents(self.indices_to_codes(indices)).clamp(-1.0, 1.0)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code ids (B, h, w) -> codes (B, D, h, w), validated."""
+        self._check_indices(indices)
+        return self.quantizer.indices_to_codes(indices.long())
+
+    def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Codes (B, D, h, w) -> raw decoder output (B, C, H, W), not clamped."""
+        if quantized.dim() != 4 or quantized.shape[1] != self.config.latent_channels:
+            raise ValueError(f"quantized must have shape (B, {self.config.latent_channels}, h, w), "
+                             f"got {tuple(quantized.shape)}")
+        return self.decoder(quantized)
+
+    def forward(self, pixel_values: torch.Tensor) -> TokenizerOutput:
+        """Encode, quantize and decode: the reconstruction plus the quantizer's loss terms and statistics."""
+        self._check_pixels(pixel_values)
+        q = self.quantizer(self.encoder(pixel_values))
+        reconstruction = self.decoder(q.quantized)  # (B, C, H, W)
+        return TokenizerOutput(reconstruction, q.indices, q.loss, q.commit_loss, q.codebook_loss, q.entropy_loss,
+                               q.stats)
+
+    def get_last_layer(self) -> torch.Tensor:
+        """The decoder's last conv weight, where VQGAN's adaptive GAN weight compares gradient norms."""
+        return self.decoder.conv_out.weight
+
+    # ------------------------------------------------------------------ input checks
+    def _check_size(self, height: int, width: int) -> None:
+        f = self.downsample_factor
+        if height % f or width % f or height < f or width < f:
+            raise ValueError(
+                f"pixel_values spatial size {height}x{width} is not divisible by the downsampling factor {f}; "
+                f"resize or crop to a multiple of {f} (VQImageProcessor(crop_to_multiple={f}) does this)"
+            )
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; "
+                            "convert images with tokenizer.image_processor.preprocess(images)")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a float tensor in [-1, 1], got dtype {pixel_values.dtype}; "
+                            "convert uint8 images with tokenizer.image_processor.preprocess(images)")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must have rank 4 (B, C, H, W), got shape {tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values is an empty batch (B=0)")
+        if pixel_values.shape[1] != self.config.in_channels:
+            raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels, but this tokenizer expects "
+                             f"in_channels={self.config.in_channels}")
+        self._check_size(pixel_values.shape[2], pixel_values.shape[3])
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contains NaN or Inf values")
+
+    def _check_indices(self, indices: torch.Tensor) -> None:
+        if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex() \
+                or indices.dtype == torch.bool:
+            raise TypeError(f"indices must be an integer tensor (B, h, w), got "
+                            f"{getattr(indices, 'dtype', type(indices).__name__)}")
+        if indices.dim() != 3:
+            raise ValueError(f"indices must have shape (B, h, w), got shape {tuple(indices.shape)}")
+        if indices.numel() == 0:
+            raise ValueError(f"indices is empty (shape {tuple(indices.shape)})")
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= self.codebook_size:
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
+
+    # ------------------------------------------------------------------ persistence
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> VQTokenizer:
+        """Load a tokenizer saved with `save_pretrained`, from a local folder or a Hub repo id.
+
+        Only JSON and safetensors files are read; weights are loaded strictly.
+        """
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config.json of {str(pretrained_model_name_or_path)!r} is not valid JSON: {error}") from None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Write config.json, model.safetensors, preprocessor_config.json (and training_info.json)."""
+        self.config.to_json_file(save_directory / CONFIG_NAME)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "vqstack"})
+        self.image_processor.save_pretrained(save_directory)
+        if self.training_info:
+            (save_directory / TRAINING_INFO_NAME).write_text(json.dumps(self.training_info, indent=2) + "\n")
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
+                         force_download: bool = False, local_files_only: bool = False, token: str | bool | None = None,
+                         map_location: str = "cpu", **unused: Any) -> VQTokenizer:
+        hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
+                   local_files_only=local_files_only, token=token)
+        # The config is re-read and validated strictly here (unknown keys, types, version) rather than trusting
+        # the lenient decoding done by ModelHubMixin.
+        config = VQTokenizerConfig.from_json_file(resolve_file(model_id, CONFIG_NAME, **hub))
+        processor_file = resolve_file(model_id, PROCESSOR_CONFIG_NAME, required=False, **hub)
+        processor = VQImageProcessor.from_json_file(processor_file) if processor_file else None
+        model = cls(config, image_processor=processor)
+        load_state_dict_strict(model, resolve_file(model_id, WEIGHTS_NAME, **hub))
+        info_file = resolve_file(model_id, TRAINING_INFO_NAME, required=False, **hub)
+        if info_file:
+            model.training_info = json.loads(info_file.read_text())
+        return model.to(map_location).eval()
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        return tokenizer_model_card(self)

@@ -1,0 +1,176 @@
+"""Configuration of the codebook quantizers: one typed dataclass that round-trips through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+QUANTIZER_KINDS = ("vq", "fsq", "lfq")
+SEARCH_DTYPES = ("float32", "bfloat16")
+KMEANS_SEEDINGS = ("kmeans++", "random")
+
+# Recommended FSQ levels per codebook size, from Table 1 of Mentzer et al. 2023 ("Finite Scalar
+# Quantization: VQ-VAE Made Simple"). The product of the levels is close to, not equal to, the size.
+FSQ_RECOMMENDED_LEVELS: dict[int, tuple[int, ...]] = {
+    2**8: (8, 6, 5),
+    2**10: (8, 5, 5, 5),
+    2**12: (7, 5, 5, 5, 5),
+    2**14: (8, 8, 8, 6, 5),
+    2**16: (8, 8, 8, 5, 5, 5),
+}
+
+
+@dataclass
+class QuantizerConfig:
+    """Every option of the vqstack quantizers; the defaults are the tuned VQ configuration.
+
+    The defaults (EMA codebook, k-means init, dead-code restarts, a 32-d cosine lookup space) are the
+    combination that keeps a 1024-code codebook >= 99% used with perplexity >= 700 in the quantizer
+    benchmark (`scripts/benchmarks/bench_quantizers.py`). Options that do not apply to a kind are ignored.
+    """
+
+    kind: str = "vq"  # "vq" (nearest code), "fsq" (finite scalar), "lfq" (lookup-free, sign per channel)
+    # vq: number of codes. fsq: must equal prod(fsq_levels), or pick the paper's levels when fsq_levels is
+    # None (then it must be a key of FSQ_RECOMMENDED_LEVELS). lfq: must be 2**codebook_dim.
+    codebook_size: int = 1024
+    # vq: lookup space; z (embed_dim) is projected to it and back (ViT-VQGAN, Yu et al. 2021; LlamaGen).
+    # Low dimensions raise codebook usage. None = embed_dim. Ignored by fsq (len(fsq_levels) channels)
+    # and lfq (log2(codebook_size) channels).
+    codebook_dim: int | None = 32
+    commitment_weight: float = 0.25  # beta on ||z - sg[e]||^2 (van den Oord et al. 2017, eq. 3)
+    codebook_weight: float = 1.0  # weight on ||sg[z] - e||^2; unused when the codebook is updated by EMA
+    use_ema: bool = True  # codebook follows EMA of assigned vectors (van den Oord et al. 2017 app. A.1)
+    ema_decay: float = 0.99  # gamma of the EMA; 0.99 as in Razavi et al. 2019 (VQ-VAE-2)
+    ema_epsilon: float = 1e-5  # Laplace smoothing of EMA cluster sizes, avoids division by zero
+    normalize_codes: bool = True  # l2-normalized codes and latents, cosine lookup (ViT-VQGAN)
+    kmeans_init: bool = True  # initialize the codebook by k-means on the first training batch
+    kmeans_iters: int = 10  # Lloyd iterations of that k-means
+    kmeans_seeding: str = "kmeans++"  # "kmeans++" (Arthur & Vassilvitskii 2007) or "random" samples
+    # Restart codes unused for this many training steps from random encoder outputs (Dhariwal et al.
+    # 2020, Jukebox; Zeghidour et al. 2021, SoundStream). 0 disables restarts.
+    dead_code_steps: int = 8
+    usage_window: int = 100  # training steps over which `CodebookStats.usage` counts a code as used
+    # Entropy penalty (MaskGIT / MAGVIT-v2): weight * (mean per-token entropy - diversity * codebook
+    # entropy) over softmax(-distance / temperature). 0 disables it.
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
+    entropy_diversity_weight: float = 1.0
+    fsq_levels: tuple[int, ...] | None = None  # fsq: levels per channel, e.g. (8, 5, 5, 5)
+    search_chunk_size: int = 4096  # codes per distance-matmul chunk; bounds search memory at N x chunk
+    # "bfloat16": a bf16 matmul shortlists `search_candidates` codes per token, re-ranked exactly in
+    # float32 (several times faster on CPUs with AMX and on GPUs). "float32": one exact pass.
+    search_dtype: str = "float32"
+    search_candidates: int = 8
+    seed: int = 0  # seed of the generator for k-means seeding and restart samples
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fsq_levels, list):
+            self.fsq_levels = tuple(self.fsq_levels)
+        _check_types(self)
+        if self.kind not in QUANTIZER_KINDS:
+            raise ValueError(f"kind={self.kind!r} is not supported; expected one of {QUANTIZER_KINDS}")
+        if self.search_dtype not in SEARCH_DTYPES:
+            raise ValueError(f"search_dtype={self.search_dtype!r}; expected one of {SEARCH_DTYPES}")
+        if self.kmeans_seeding not in KMEANS_SEEDINGS:
+            raise ValueError(f"kmeans_seeding={self.kmeans_seeding!r}; expected one of {KMEANS_SEEDINGS}")
+        _check_positive(self, "codebook_size", "kmeans_iters", "usage_window", "search_chunk_size",
+                        "search_candidates", "entropy_temperature", "ema_epsilon")
+        _check_non_negative(self, "commitment_weight", "codebook_weight", "entropy_weight",
+                            "entropy_diversity_weight", "dead_code_steps")
+        if self.codebook_dim is not None and self.codebook_dim <= 0:
+            raise ValueError(f"codebook_dim={self.codebook_dim} must be a positive int or None")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must lie strictly between 0 and 1")
+        if self.kind == "fsq":
+            self._check_fsq()
+        if self.kind == "lfq":
+            self._check_lfq()
+
+    def _check_fsq(self) -> None:
+        if self.fsq_levels is None:
+            if self.codebook_size not in FSQ_RECOMMENDED_LEVELS:
+                raise ValueError(
+                    f"codebook_size={self.codebook_size} has no recommended FSQ levels; set fsq_levels or "
+                    f"use a codebook_size in {sorted(FSQ_RECOMMENDED_LEVELS)}"
+                )
+            return
+        if len(self.fsq_levels) == 0 or any(level < 2 for level in self.fsq_levels):
+            raise ValueError(f"fsq_levels={self.fsq_levels} must be a non-empty sequence of ints >= 2")
+        if math.prod(self.fsq_levels) != self.codebook_size:
+            raise ValueError(
+                f"codebook_size={self.codebook_size} must equal prod(fsq_levels)="
+                f"{math.prod(self.fsq_levels)} for kind='fsq'"
+            )
+
+    def _check_lfq(self) -> None:
+        bits = self.codebook_size.bit_length() - 1
+        if 2**bits != self.codebook_size:
+            raise ValueError(f"codebook_size={self.codebook_size} must be a power of 2 for kind='lfq'")
+
+    @property
+    def resolved_fsq_levels(self) -> tuple[int, ...]:
+        """FSQ levels per channel: `fsq_levels`, or the paper's recommendation for `codebook_size`."""
+        if self.fsq_levels is not None:
+            return self.fsq_levels
+        return FSQ_RECOMMENDED_LEVELS[self.codebook_size]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serializable dict of every field."""
+        data = dataclasses.asdict(self)
+        if data["fsq_levels"] is not None:
+            data["fsq_levels"] = list(data["fsq_levels"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizerConfig:
+        """Build a config from `to_dict()` output; unknown keys and wrong types raise errors."""
+        if not isinstance(data, dict):
+            raise TypeError(f"data must be a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantizerConfig keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+# Expected runtime types per field; bool is checked apart because bool is a subclass of int.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {}
+
+
+def _expected_types(annotation: str) -> tuple[type, ...]:
+    names = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None), "tuple[int, ...]": tuple}
+    return tuple(names[part.strip()] for part in annotation.split("|"))
+
+
+def _check_types(config: QuantizerConfig) -> None:
+    if not _FIELD_TYPES:
+        _FIELD_TYPES.update({f.name: _expected_types(f.type) for f in dataclasses.fields(config)})
+    for name, expected in _FIELD_TYPES.items():
+        value = getattr(config, name)
+        if float in expected and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, name, float(value))  # JSON writes 1.0 as 1; accept ints for float fields
+            continue
+        if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+            wanted = " or ".join(t.__name__ for t in expected)
+            raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected {wanted}")
+        if name == "fsq_levels" and value is not None and not all(
+            isinstance(level, int) and not isinstance(level, bool) for level in value
+        ):
+            raise TypeError(f"fsq_levels={value!r} must contain only ints")
+
+
+def _check_positive(config: QuantizerConfig, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name}={getattr(config, name)} must be > 0")
+
+
+def _check_non_negative(config: QuantizerConfig, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name}={getattr(config, name)} must be >= 0")
+
+
+__all__ = ["FSQ_RECOMMENDED_LEVELS", "QuantizerConfig"]

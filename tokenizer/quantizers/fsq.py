@@ -1,0 +1,89 @@
+"""Finite Scalar Quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple").
+
+Each of a few channels is bounded and rounded to one of L_i levels; the index is the mixed-radix number
+formed by the per-channel levels. The codebook (prod L_i points of a grid) is implicit: there is nothing
+to learn, collapse or restart, and no auxiliary loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import Quantizer, QuantizerOutput, from_tokens, straight_through, to_tokens, zero_loss
+from .config import QuantizerConfig
+
+
+class FiniteScalarQuantizer(Quantizer):
+    """FSQ over `len(levels)` channels, with linear projections when embed_dim differs."""
+
+    def __init__(self, config: QuantizerConfig, embed_dim: int) -> None:
+        if config.kind != "fsq":
+            raise ValueError(f"config.kind={config.kind!r}; FiniteScalarQuantizer expects kind='fsq'")
+        levels = config.resolved_fsq_levels
+        super().__init__(embed_dim, math.prod(levels), config.usage_window, config.dead_code_steps)
+        self.config = config
+        self.levels = levels
+        channels = len(levels)
+        self.project_in = nn.Linear(embed_dim, channels) if channels != embed_dim else nn.Identity()
+        self.project_out = nn.Linear(channels, embed_dim) if channels != embed_dim else nn.Identity()
+        levels_tensor = torch.tensor(levels, dtype=torch.long)
+        # Mixed-radix place values: index = sum_i digit_i * prod_{j<i} L_j.
+        basis = torch.cumprod(torch.tensor((1,) + levels[:-1], dtype=torch.long), dim=0)
+        self.register_buffer("levels_tensor", levels_tensor, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("half_width", (levels_tensor // 2).float(), persistent=False)
+
+    def bound(self, latents: Tensor) -> Tensor:
+        """Squash each channel into (-L/2, L/2), shifted for even L so rounding yields exactly L values."""
+        levels = self.levels_tensor.float()
+        half_levels = (levels - 1) * (1 + 1e-3) / 2
+        offset = torch.where(self.levels_tensor % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half_levels)
+        return torch.tanh(latents + shift) * half_levels - offset
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """(B, D, h, w) latents -> grid codes with straight-through rounding, indices and stats."""
+        self.check_latents(z)
+        batch, _, height, width = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            bounded = self.bound(self.project_in(to_tokens(z)))  # (N, C)
+            rounded = straight_through(bounded.round(), bounded)  # (N, C) integers in [-L/2, L/2]
+            codes = rounded / self.half_width  # (N, C) in [-1, 1]
+            indices = self._digits_to_indices(rounded.detach())  # (N,)
+            quantized = self.project_out(codes)  # (N, D)
+            counts = self.code_counts(indices)
+            if self.training:
+                self.update_usage(counts)
+            stats = self.codebook_stats(counts)
+        zero = zero_loss(quantized)
+        return QuantizerOutput(
+            quantized=from_tokens(quantized, batch, height, width),
+            indices=indices.reshape(batch, height, width),
+            loss=zero,
+            commit_loss=zero,
+            codebook_loss=zero,
+            entropy_loss=zero,
+            stats=stats,
+        )
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """(B, h, w) int64 -> (B, D, h, w); equals `quantized` for the same indices in eval mode."""
+        self.check_indices(indices)
+        batch, height, width = indices.shape
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            digits = (indices.reshape(-1, 1) // self.basis) % self.levels_tensor  # (N, C)
+            codes = (digits.float() - self.half_width) / self.half_width  # (N, C)
+            return from_tokens(self.project_out(codes), batch, height, width)
+
+    def implicit_codebook(self) -> Tensor:
+        """(K, C) every grid point in index order; materializes prod(levels) rows, use with care."""
+        indices = torch.arange(self.codebook_size, device=self.basis.device)
+        digits = (indices.unsqueeze(1) // self.basis) % self.levels_tensor  # (K, C)
+        return (digits.float() - self.half_width) / self.half_width
+
+    def _digits_to_indices(self, rounded: Tensor) -> Tensor:
+        digits = (rounded + self.half_width).long()  # (N, C) in [0, L)
+        return (digits * self.basis).sum(dim=1)  # (N,)

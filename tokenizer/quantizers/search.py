@@ -1,0 +1,91 @@
+"""Nearest-code search: one fused matmul per codebook chunk, with a running best across chunks.
+
+argmin_k ||z - e_k||^2 = argmin_k (||e_k||^2 - 2 z . e_k): `torch.addmm` computes the whole chunk of
+scores in one BLAS call, without the (N, K) temporaries of `||z||^2 + ||e||^2 - 2 z e^T` or of
+`torch.cdist`. For unit-norm codes the nearest code is argmax_k z . e_k. Chunking the codebook keeps
+memory at N x chunk_size floats however large K grows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def nearest_codes(
+    latents: Tensor,
+    codebook: Tensor,
+    *,
+    cosine: bool = False,
+    chunk_size: int = 4096,
+    search_dtype: torch.dtype = torch.float32,
+    candidates: int = 8,
+) -> Tensor:
+    """(N, d) latents, (K, d) codebook -> (N,) int64 index of the nearest code.
+
+    Ties go to the lowest index, whatever the chunking. With `search_dtype=torch.bfloat16` a bf16 pass
+    shortlists `candidates` codes per latent and the winner among them is chosen in float32.
+    """
+    if latents.dim() != 2 or codebook.dim() != 2 or latents.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"latents (N, d) and codebook (K, d) must share d, got shapes {tuple(latents.shape)} "
+            f"and {tuple(codebook.shape)}"
+        )
+    latents, codebook = latents.float(), codebook.float()
+    if search_dtype == torch.float32:
+        return _chunked_best(latents, codebook, cosine=cosine, chunk_size=chunk_size)
+    shortlist = _chunked_topk(latents.to(search_dtype), codebook.to(search_dtype), cosine, chunk_size, candidates)
+    return _rerank(latents, codebook, shortlist, cosine=cosine)
+
+
+def _scores(latents: Tensor, codes: Tensor, code_sq_norms: Tensor | None) -> Tensor:
+    """Higher is nearer: z . e for cosine search, 2 z . e - ||e||^2 for euclidean search."""
+    if code_sq_norms is None:
+        return latents @ codes.t()  # (N, C)
+    return torch.addmm(code_sq_norms, latents, codes.t(), beta=-1.0, alpha=2.0)  # (N, C)
+
+
+def _chunked_best(latents: Tensor, codebook: Tensor, *, cosine: bool, chunk_size: int) -> Tensor:
+    # ||e||^2 once per search, sliced per chunk.
+    code_sq_norms = None if cosine else codebook.pow(2).sum(dim=1)  # (K,)
+    best_score = best_index = None
+    for start in range(0, codebook.shape[0], chunk_size):
+        stop = start + chunk_size
+        chunk_norms = None if code_sq_norms is None else code_sq_norms[start:stop]
+        score, index = _scores(latents, codebook[start:stop], chunk_norms).max(dim=1)  # (N,), (N,)
+        if best_score is None:
+            best_score, best_index = score, index
+            continue
+        # Strictly greater: on ties the earlier chunk (lower index) wins, like one argmax over all K.
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_index = torch.where(better, index + start, best_index)
+    return best_index
+
+
+def _chunked_topk(latents: Tensor, codebook: Tensor, cosine: bool, chunk_size: int, candidates: int) -> Tensor:
+    """(N, m) indices of the m best codes by low-precision score."""
+    code_sq_norms = None if cosine else codebook.float().pow(2).sum(dim=1).to(codebook.dtype)  # (K,)
+    top_score = top_index = None
+    for start in range(0, codebook.shape[0], chunk_size):
+        stop = start + chunk_size
+        chunk_norms = None if code_sq_norms is None else code_sq_norms[start:stop]
+        score = _scores(latents, codebook[start:stop], chunk_norms)  # (N, C)
+        score, index = score.topk(min(candidates, score.shape[1]), dim=1)  # (N, m)
+        index = index + start
+        if top_score is not None:
+            score, pick = torch.cat([top_score, score], dim=1).topk(candidates, dim=1)
+            index = torch.cat([top_index, index], dim=1).gather(1, pick)
+        top_score, top_index = score, index
+    return top_index
+
+
+def _rerank(latents: Tensor, codebook: Tensor, shortlist: Tensor, *, cosine: bool) -> Tensor:
+    """Exact float32 choice among the shortlisted codes; ties go to the lowest index."""
+    shortlist, _ = shortlist.sort(dim=1)  # (N, m) so that max() picks the lowest index on ties
+    codes = codebook[shortlist]  # (N, m, d)
+    score = torch.einsum("nd,nmd->nm", latents, codes)  # (N, m)
+    if not cosine:
+        score = 2.0 * score - codes.pow(2).sum(dim=-1)
+    return shortlist.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)  # (N,)

@@ -1,0 +1,199 @@
+"""Vector quantizer with a learned codebook (VQ-VAE, van den Oord et al. 2017) and its usual remedies
+for codebook collapse: EMA updates, a low-dimensional cosine lookup space, k-means initialization,
+dead-code restarts and an entropy penalty, each switched by `QuantizerConfig`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import distributed
+from .base import (
+    CodebookStats,
+    Quantizer,
+    QuantizerOutput,
+    from_tokens,
+    straight_through,
+    to_tokens,
+    zero_loss,
+)
+from .config import QuantizerConfig
+from .kmeans import kmeans
+from .search import nearest_codes
+
+
+class VectorQuantizer(Quantizer):
+    """Nearest-code quantizer over a (codebook_size, codebook_dim) codebook.
+
+    Latents (B, D, h, w) are projected to the lookup space (ViT-VQGAN's factorized codes), optionally
+    l2-normalized, matched to their nearest code, and projected back. All arithmetic is float32, even
+    under autocast. Side effects (EMA, k-means init, restarts, usage) happen only in training mode.
+    """
+
+    def __init__(self, config: QuantizerConfig, embed_dim: int) -> None:
+        if config.kind != "vq":
+            raise ValueError(f"config.kind={config.kind!r}; VectorQuantizer expects kind='vq'")
+        super().__init__(embed_dim, config.codebook_size, config.usage_window, config.dead_code_steps)
+        self.config = config
+        self.codebook_dim = config.codebook_dim or embed_dim
+        needs_projection = self.codebook_dim != embed_dim
+        self.project_in = nn.Linear(embed_dim, self.codebook_dim) if needs_projection else nn.Identity()
+        self.project_out = nn.Linear(self.codebook_dim, embed_dim) if needs_projection else nn.Identity()
+        initial = torch.randn(config.codebook_size, self.codebook_dim)  # (K, d)
+        if config.normalize_codes:
+            initial = F.normalize(initial, dim=1)
+        if config.use_ema:
+            # EMA state (van den Oord et al. 2017, app. A.1): smoothed cluster sizes N_k and sums m_k.
+            self.register_buffer("codebook", initial)
+            self.register_buffer("ema_cluster_size", torch.ones(config.codebook_size))
+            self.register_buffer("ema_embed_sum", initial.clone())
+        else:
+            self.codebook = nn.Parameter(initial)
+        # False until k-means has run on a training batch; persistent so resuming does not re-run it.
+        self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
+        self._search_dtype = torch.bfloat16 if config.search_dtype == "bfloat16" else torch.float32
+
+    def codebook_vectors(self) -> Tensor:
+        """(K, d) codes as used for lookup: unit-norm when `normalize_codes`."""
+        codebook = self.codebook.float()
+        return F.normalize(codebook, dim=1) if self.config.normalize_codes else codebook
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """(B, D, h, w) latents -> codes with straight-through gradient, indices, losses and stats."""
+        self.check_latents(z)
+        batch, _, height, width = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            latents = self._project_in(to_tokens(z))  # (N, d)
+            if self.training and not bool(self.initialized):
+                self._kmeans_init(latents.detach())
+            codebook = self.codebook_vectors()  # (K, d)
+            indices = self._search(latents, codebook)  # (N,)
+            codes = F.embedding(indices, codebook)  # (N, d)
+            commit_loss = self.config.commitment_weight * F.mse_loss(latents, codes.detach())
+            codebook_loss = self._codebook_loss(latents, codes)
+            entropy_loss = self._entropy_loss(latents, codebook)
+            quantized = self.project_out(straight_through(codes, latents))  # (N, D)
+            stats = self._track(latents.detach(), indices)
+        return QuantizerOutput(
+            quantized=from_tokens(quantized, batch, height, width),
+            indices=indices.reshape(batch, height, width),
+            loss=commit_loss + codebook_loss + entropy_loss,
+            commit_loss=commit_loss,
+            codebook_loss=codebook_loss,
+            entropy_loss=entropy_loss,
+            stats=stats,
+        )
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """(B, h, w) int64 -> (B, D, h, w); equals `quantized` for the same indices in eval mode."""
+        self.check_indices(indices)
+        batch, height, width = indices.shape
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            codes = F.embedding(indices.reshape(-1), self.codebook_vectors())  # (N, d)
+            return from_tokens(self.project_out(codes), batch, height, width)
+
+    def _project_in(self, tokens: Tensor) -> Tensor:
+        latents = self.project_in(tokens)  # (N, d)
+        return F.normalize(latents, dim=1) if self.config.normalize_codes else latents
+
+    def _search(self, latents: Tensor, codebook: Tensor) -> Tensor:
+        return nearest_codes(
+            latents.detach(),
+            codebook.detach(),
+            cosine=self.config.normalize_codes,
+            chunk_size=self.config.search_chunk_size,
+            search_dtype=self._search_dtype,
+            candidates=self.config.search_candidates,
+        )
+
+    def _codebook_loss(self, latents: Tensor, codes: Tensor) -> Tensor:
+        if self.config.use_ema:
+            return zero_loss(latents)  # codes move by EMA, not by gradient
+        return self.config.codebook_weight * F.mse_loss(latents.detach(), codes)
+
+    def _entropy_loss(self, latents: Tensor, codebook: Tensor) -> Tensor:
+        """MaskGIT/MAGVIT-v2 entropy penalty: confident per-token choices, uniform use of the codebook.
+
+        Materializes (N, K) soft assignments with gradient, so it costs a full distance matrix.
+        """
+        if self.config.entropy_weight == 0.0:
+            return zero_loss(latents)
+        sq_dist = (
+            latents.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2.0 * latents @ codebook.t()
+        )  # (N, K)
+        log_probs = F.log_softmax(-sq_dist / self.config.entropy_temperature, dim=1)  # (N, K)
+        probs = log_probs.exp()
+        per_token_entropy = -(probs * log_probs).sum(1).mean()
+        mean_probs = probs.mean(0)  # (K,)
+        codebook_entropy = -(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum()
+        penalty = per_token_entropy - self.config.entropy_diversity_weight * codebook_entropy
+        return self.config.entropy_weight * penalty
+
+    def _track(self, latents: Tensor, indices: Tensor) -> CodebookStats:
+        """Usage bookkeeping, then (training only) EMA update and dead-code restarts."""
+        counts = self.code_counts(indices)  # (K,)
+        if not self.training:
+            return self.codebook_stats(counts)
+        self.update_usage(counts)
+        if self.config.use_ema:
+            self._ema_update(latents, indices, counts)
+        restarted = self._restart_dead_codes(latents) if self.config.dead_code_steps > 0 else None
+        return self.codebook_stats(counts, restarted)
+
+    @torch.no_grad()
+    def _kmeans_init(self, latents: Tensor) -> None:
+        samples = distributed.gather_rows(latents)  # (world * n, d)
+        centroids = torch.empty_like(self.codebook)
+        if distributed.rank() == 0:
+            centroids = kmeans(
+                samples,
+                self.codebook_size,
+                iters=self.config.kmeans_iters,
+                seeding=self.config.kmeans_seeding,
+                cosine=self.config.normalize_codes,
+                generator=torch.Generator().manual_seed(self.config.seed),
+                chunk_size=self.config.search_chunk_size,
+            ).to(self.codebook.dtype)
+        distributed.broadcast_(centroids)
+        self.codebook.data.copy_(centroids)
+        if self.config.use_ema:
+            self.ema_cluster_size.fill_(1.0)
+            self.ema_embed_sum.copy_(centroids)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, latents: Tensor, indices: Tensor, counts: Tensor) -> None:
+        """N_k <- g N_k + (1-g) n_k; m_k <- g m_k + (1-g) sum z; e_k = m_k / smoothed N_k."""
+        decay = self.config.ema_decay
+        embed_sum = torch.zeros_like(self.ema_embed_sum).index_add_(0, indices, latents)  # (K, d)
+        distributed.all_reduce_sum_(embed_sum)  # counts were already summed by code_counts
+        self.ema_cluster_size.lerp_(counts, 1.0 - decay)
+        self.ema_embed_sum.lerp_(embed_sum, 1.0 - decay)
+        # Laplace smoothing keeps never-assigned codes finite (Sonnet's VectorQuantizerEMA).
+        total = self.ema_cluster_size.sum()
+        eps = self.config.ema_epsilon
+        smoothed = (self.ema_cluster_size + eps) / (total + self.codebook_size * eps) * total
+        codebook = self.ema_embed_sum / smoothed.unsqueeze(1)  # (K, d)
+        if self.config.normalize_codes:
+            codebook = F.normalize(codebook, dim=1)
+        self.codebook.copy_(codebook)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, latents: Tensor) -> int:
+        """Re-seed dead codes from random latents of this batch, drawn on rank 0 and broadcast."""
+        dead = self.find_dead_codes().nonzero().squeeze(1)  # (n_dead,)
+        if dead.numel() == 0:
+            return 0
+        # Seeded by (seed, step): a resumed run draws the same samples without saving generator state.
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + int(self.usage_step))
+        picks = torch.randint(latents.shape[0], (dead.numel(),), generator=generator)
+        samples = latents[picks.to(latents.device)].to(self.codebook.dtype)  # (n_dead, d)
+        distributed.broadcast_(samples)
+        self.codebook.data[dead] = samples
+        if self.config.use_ema:
+            # Fresh statistics: the code counts as one assignment at the sampled latent.
+            self.ema_cluster_size[dead] = 1.0
+            self.ema_embed_sum[dead] = samples
+        self.last_active[dead] = self.usage_step
+        return int(dead.numel())

@@ -1,0 +1,81 @@
+"""Reading model files safely: safetensors only, strict key/shape checks, clear errors, Hub or local folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, corrupt, or does not match the model built from its config."""
+
+
+def resolve_file(model_id: str, filename: str, *, required: bool = True, **hub_kwargs) -> Path | None:
+    """Path of `filename` in a local folder, or downloaded from the Hub repo `model_id`.
+
+    Returns None for a missing optional file. A missing required file, or a Hub that cannot be reached,
+    raises an error naming the file and what to do.
+    """
+    if os.path.isdir(model_id):
+        path = Path(model_id) / filename
+        if path.is_file():
+            return path
+        if required:
+            raise FileNotFoundError(f"{filename} not found in {model_id!r}; it is needed to load this model")
+        return None
+    if os.path.exists(model_id) or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise FileNotFoundError(f"{model_id!r} is neither a folder written by save_pretrained nor a Hub repo id "
+                                "like 'user/name'")
+    try:
+        return Path(hf_hub_download(repo_id=model_id, filename=filename, **hub_kwargs))
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(f"{filename} not found in Hub repo {model_id!r}") from None
+        return None
+    except LocalEntryNotFoundError as error:
+        if not required:
+            return None
+        raise OSError(
+            f"could not download {filename} from the Hub repo {model_id!r} (no network or repo not cached): "
+            f"{error}. Download the repo elsewhere (e.g. `hf download {model_id} --local-dir DIR`), copy the folder "
+            "here and pass its path instead."
+        ) from error
+
+
+def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a safetensors file into `model`, refusing missing, unexpected or mis-shaped tensors."""
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(f"could not read weights file {path}: it is corrupt, truncated or not a "
+                           f"safetensors file ({error})") from error
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_preview(unexpected)}")
+    if mis_shaped:
+        problems.append(f"mis-shaped tensors {_preview(mis_shaped)}")
+    if problems:
+        raise WeightsError(f"weights file {path} does not match the model built from its config: "
+                           + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def _preview(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} in all)"
