@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from tokenizer import VQTokenizer, VQTokenizerConfig
 from tokenizer.losses import VQGANLoss, VQGANLossConfig
@@ -26,11 +25,13 @@ from .training import (
     add_common_training_args,
     batches,
     check_common_args,
+    evaluation_dataloader,
     make_accelerator,
     make_scheduler,
     maybe_resume,
     progress_bar,
     save_training_checkpoint,
+    training_dataloader,
     unwrap_float32,
 )
 
@@ -70,8 +71,8 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("losses")
     group.add_argument("--l1_weight", type=float, default=1.0)
     group.add_argument("--l2_weight", type=float, default=0.0)
-    group.add_argument("--perceptual_weight", type=float, default=0.0,
-                       help="LPIPS weight (needs the VGG16 trunk weights: see --lpips_weights)")
+    group.add_argument("--perceptual_weight", type=float, default=1.0,
+                       help="LPIPS weight; needs torchvision's VGG16 weights (see --lpips_weights); 0 turns it off")
     group.add_argument("--lpips_weights", type=str, default=None, help="local path to torchvision's vgg16 weights")
     group.add_argument("--adversarial_weight", type=float, default=0.0, help="PatchGAN weight (0 = no GAN)")
     group.add_argument("--disc_start", type=int, default=0, help="step at which the discriminator starts")
@@ -110,7 +111,7 @@ def load_data(args: argparse.Namespace, channels: int | None = None):
     if channels is None:
         channels = 1 if datasets["train"][0]["image"].mode in ("L", "1", "I;16") else 3
     datasets = set_image_transforms(datasets, resolution=args.resolution, channels=channels,
-                                    random_flip=not args.no_random_flip)
+                                    random_flip=not args.no_random_flip, seed=args.seed)
     source = args.dataset or args.dataset_name or args.train_data_dir
     return datasets, channels, source
 
@@ -119,21 +120,20 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     """Run the training described by `args`; returns the folder of the exported tokenizer."""
     check_common_args(args)
     accelerator = make_accelerator(args)
-    datasets, channels, source = load_data(args, args.in_channels)
+    with accelerator.main_process_first():
+        datasets, channels, source = load_data(args, args.in_channels)
     config = build_tokenizer_config(args, channels)
     model = VQTokenizer(config)
     loss_fn = VQGANLoss(VQGANLossConfig(
         l1_weight=args.l1_weight, l2_weight=args.l2_weight, perceptual_weight=args.perceptual_weight,
         adversarial_weight=args.adversarial_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
-        lecam_weight=args.lecam_weight, lpips_trunk_weights=args.lpips_weights, disc_in_channels=config.in_channels,
+        lecam_weight=args.lecam_weight, lpips_trunk_weights=args.lpips_weights, image_channels=config.in_channels,
     ))
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    train_loader = DataLoader(datasets["train"], batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-                              collate_fn=collate_images, num_workers=args.dataloader_num_workers)
-    val_loader = DataLoader(datasets["validation"], batch_size=args.train_batch_size, shuffle=False,
-                            collate_fn=collate_images)
+    train_loader = training_dataloader(datasets["train"], args, collate_images)
+    val_loader = evaluation_dataloader(datasets["validation"], args.train_batch_size, collate_images)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                  weight_decay=args.adam_weight_decay)
     scheduler = make_scheduler(args, optimizer)
@@ -168,10 +168,11 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "rec", "usage", "perplexity")})
         accelerator.log(logs, step=step)
-        if step % args.validation_steps == 0 or step == args.max_train_steps:
-            last_metrics = _validate(accelerator, model, val_loader, args, step)
+        # Checkpoint before validating, so that the saved RNG state is the one training continues from.
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             save_training_checkpoint(accelerator, args, step, guard, extra_state)
+        if step % args.validation_steps == 0 or step == args.max_train_steps:
+            last_metrics = _validate(accelerator, model, val_loader, args, step, loss_fn.perceptual)
     bar.close()
     return _export(accelerator, model, ema, args, source, step, last_metrics, guard)
 
@@ -181,10 +182,10 @@ def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_op
     if args.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     with accelerator.accumulate(model):
+        last_layer = unwrap_float32(accelerator, model).get_last_layer()
         with accelerator.autocast():
             out = model(pixels)
-        last_layer = unwrap_float32(accelerator, model).get_last_layer()
-        loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, out.quantizer_loss, last_layer, step)
+            loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, out.quantizer_loss, last_layer, step)
         if guard.is_bad(accelerator, loss):
             optimizer.zero_grad(set_to_none=True)
             return {"skipped_nonfinite_steps": guard.skipped}
@@ -194,15 +195,18 @@ def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_op
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if disc_optimizer is not None and step >= args.disc_start:
-            d_loss, d_logs = loss_fn.discriminator_loss(pixels, out.reconstruction.detach(), step)
+        if disc_optimizer is not None and loss_fn.discriminator_active(step):
+            # The generator's GAN term also left gradients on the discriminator: clear them first.
+            disc_optimizer.zero_grad(set_to_none=True)
+            with accelerator.autocast():
+                d_loss, d_logs = loss_fn.discriminator_loss(pixels, out.reconstruction.detach(), step)
             if not guard.is_bad(accelerator, d_loss):
                 accelerator.backward(d_loss)
                 _average_gradients(accelerator, loss_fn.discriminator)
                 disc_optimizer.step()
             disc_optimizer.zero_grad(set_to_none=True)
             logs.update(d_logs)
-    logs.update(loss=float(loss), usage=float(out.stats.usage), perplexity=float(out.stats.perplexity),
+    logs.update(loss=float(loss.detach()), usage=float(out.stats.usage), perplexity=float(out.stats.perplexity),
                 lr=scheduler.get_last_lr()[0])
     return logs
 
@@ -216,9 +220,10 @@ def _average_gradients(accelerator, module: torch.nn.Module) -> None:
             parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
 
 
-def _validate(accelerator, model, val_loader, args, step) -> dict:
+def _validate(accelerator, model, val_loader, args, step, perceptual) -> dict:
     metrics, (originals, reconstructions) = evaluate_tokenizer(
-        unwrap_float32(accelerator, model), val_loader, accelerator, max_batches=args.max_validation_batches)
+        unwrap_float32(accelerator, model), val_loader, accelerator, max_batches=args.max_validation_batches,
+        perceptual=perceptual)
     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
         count = min(args.num_validation_images, originals.shape[0])

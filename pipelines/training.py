@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .checkpointing import resolve_resume, save_checkpoint
 
@@ -82,6 +84,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     """An Accelerator for this run: devices, processes, precision, accumulation, trackers, seedable data order."""
     log_with = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
+        cpu=_cpu_only_multiprocess(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=log_with,
@@ -95,11 +98,35 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
+def _cpu_only_multiprocess() -> bool:
+    """True for `accelerate launch --multi_gpu --num_processes N` on a machine without any accelerator.
+
+    accelerate then needs `cpu=True` to pick the gloo backend (its `--cpu` launcher alone starts one process).
+    """
+    has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
+    return not has_accelerator and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer):
     from transformers import get_scheduler
 
     return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                          num_training_steps=args.max_train_steps)
+
+
+def training_dataloader(dataset, args: argparse.Namespace, collate_fn) -> DataLoader:
+    """Shuffled, fixed-size batches. The loader has its own generator: creating an iterator (at start, at each
+    epoch, after a resume) then never draws from the global RNG that augmentations use, so a resumed run
+    sees exactly the random crops and flips of an uninterrupted one."""
+    return DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
+                      num_workers=args.dataloader_num_workers, generator=torch.Generator().manual_seed(args.seed))
+
+
+def evaluation_dataloader(dataset, batch_size: int, collate_fn) -> DataLoader:
+    """In-order batches; its own generator keeps evaluation from drawing on the global RNG mid-training."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def batches(accelerator: Accelerator, dataloader, start_step: int) -> Iterator[Any]:
@@ -108,8 +135,11 @@ def batches(accelerator: Accelerator, dataloader, start_step: int) -> Iterator[A
     if per_epoch == 0:
         raise ValueError("the training dataloader is empty: the dataset has fewer examples than one batch")
     epoch, skip = divmod(start_step * accelerator.gradient_accumulation_steps, per_epoch)
+    augmentation = getattr(dataloader.dataset, "augmentation", None)
     while True:
         dataloader.set_epoch(epoch)
+        if augmentation is not None:
+            augmentation.set_epoch(epoch)
         loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         yield from loader
         epoch, skip = epoch + 1, 0

@@ -24,14 +24,17 @@ def set_image_transforms(
     channels: int,
     random_flip: bool = True,
     random_crop: bool = True,
+    seed: int = 0,
 ) -> datasets.DatasetDict:
     """Attach on-the-fly transforms (``set_transform``) that turn ``"image"`` into ``"pixel_values"``.
 
     Train split: resize the shorter side to `resolution`, then a random crop (center crop when `random_crop` is
     False) and a random horizontal flip (when `random_flip`), the augmentation of the VQGAN/diffusers image
     training scripts. Other splits: deterministic resize + center crop, so that validation metrics are
-    comparable across epochs. Randomness comes from torch's global generator, which `accelerate.set_seed`
-    seeds and DataLoader workers re-seed.
+    comparable across epochs. The train split gets an ``"example_index"`` column, and each example's crop and
+    flip are drawn from a generator seeded by (`seed`, epoch, example index): augmentation never depends on
+    when a batch is fetched (loaders prefetch), so a resumed run sees exactly the same pixels. The train
+    transform is kept as ``dataset_dict["train"].augmentation``; call its ``set_epoch`` at each epoch.
 
     Each example becomes ``{"pixel_values": float32 (channels, resolution, resolution) in [-1, 1]}``, plus
     ``"label"`` when the split has one. The datasets are modified in place and returned.
@@ -45,26 +48,36 @@ def set_image_transforms(
         if "image" not in split.column_names:
             raise ValueError(f"the {name!r} split has no 'image' column; its columns are {split.column_names}")
         if name == "train":
-            transform = _train_transform(resolution, channels, random_flip, random_crop)
+            if "example_index" not in split.column_names:
+                split = dataset_dict[name] = split.add_column("example_index", list(range(len(split))))
+            transform = TrainAugmentation(resolution, channels, random_flip, random_crop, seed)
+            split.augmentation = transform
         else:
             transform = _eval_transform(resolution, channels)
         split.set_transform(transform)
     return dataset_dict
 
 
-def _train_transform(resolution: int, channels: int, random_flip: bool, random_crop: bool) -> Callable:
-    processor = VQImageProcessor(channels=channels)  # images arrive already cropped to size
+class TrainAugmentation:
+    """Random crop + flip of each example, seeded by (seed, epoch, example index)."""
 
-    def transform(batch: dict) -> dict:
+    def __init__(self, resolution: int, channels: int, random_flip: bool, random_crop: bool, seed: int):
+        self.processor = VQImageProcessor(channels=channels)  # images arrive already cropped to size
+        self.resolution, self.random_flip, self.random_crop, self.seed = resolution, random_flip, random_crop, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, batch: dict) -> dict:
         images = []
-        for image in batch["image"]:
-            image = _crop(_resize_shorter_side(image, resolution), resolution, random_crop)
-            if random_flip and torch.rand(()) < 0.5:
+        for image, index in zip(batch["image"], batch["example_index"]):
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + int(index))
+            image = _crop(_resize_shorter_side(image, self.resolution), self.resolution, self.random_crop, generator)
+            if self.random_flip and torch.rand((), generator=generator) < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             images.append(image)
-        return _with_labels(batch, processor(images))
-
-    return transform
+        return _with_labels(batch, self.processor(images))
 
 
 def _eval_transform(resolution: int, channels: int) -> Callable:
@@ -89,11 +102,11 @@ def _resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def _crop(image: Image.Image, resolution: int, random: bool) -> Image.Image:
+def _crop(image: Image.Image, resolution: int, random: bool, generator: torch.Generator) -> Image.Image:
     free_x, free_y = image.width - resolution, image.height - resolution
     if random:
-        left = int(torch.randint(free_x + 1, ()))
-        top = int(torch.randint(free_y + 1, ()))
+        left = int(torch.randint(free_x + 1, (), generator=generator))
+        top = int(torch.randint(free_y + 1, (), generator=generator))
     else:
         left, top = free_x // 2, free_y // 2
     return image.crop((left, top, left + resolution, top + resolution))

@@ -57,6 +57,7 @@ class QuantizerConfig:
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
     entropy_diversity_weight: float = 1.0
+    entropy_max_tokens: int = 2048  # vq: estimate the entropies on at most this many random tokens per step
     fsq_levels: tuple[int, ...] | None = None  # fsq: levels per channel, e.g. (8, 5, 5, 5)
     search_chunk_size: int = 4096  # codes per distance-matmul chunk; bounds search memory at N x chunk
     # "bfloat16": a bf16 matmul shortlists `search_candidates` codes per token, re-ranked exactly in
@@ -76,7 +77,7 @@ class QuantizerConfig:
         if self.kmeans_seeding not in KMEANS_SEEDINGS:
             raise ValueError(f"kmeans_seeding={self.kmeans_seeding!r}; expected one of {KMEANS_SEEDINGS}")
         _check_positive(self, "codebook_size", "kmeans_iters", "usage_window", "search_chunk_size",
-                        "search_candidates", "entropy_temperature", "ema_epsilon")
+                        "search_candidates", "entropy_temperature", "ema_epsilon", "entropy_max_tokens")
         _check_non_negative(self, "commitment_weight", "codebook_weight", "entropy_weight",
                             "entropy_diversity_weight", "dead_code_steps")
         if self.codebook_dim is not None and self.codebook_dim <= 0:

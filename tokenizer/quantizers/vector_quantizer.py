@@ -115,14 +115,20 @@ class VectorQuantizer(Quantizer):
     def _entropy_loss(self, latents: Tensor, codebook: Tensor) -> Tensor:
         """MaskGIT/MAGVIT-v2 entropy penalty: confident per-token choices, uniform use of the codebook.
 
-        Materializes (N, K) soft assignments with gradient, so it costs a full distance matrix.
+        Materializes (n, K) soft assignments with gradient for n = min(N, entropy_max_tokens) tokens.
         """
         if self.config.entropy_weight == 0.0:
             return zero_loss(latents)
-        sq_dist = (
-            latents.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2.0 * latents @ codebook.t()
-        )  # (N, K)
-        log_probs = F.log_softmax(-sq_dist / self.config.entropy_temperature, dim=1)  # (N, K)
+        if latents.shape[0] > self.config.entropy_max_tokens:
+            # A random subset bounds the (N, K) cost; both entropies are then estimated from it.
+            picks = torch.randperm(latents.shape[0], generator=self._step_generator(salt=1))
+            latents = latents[picks[: self.config.entropy_max_tokens].to(latents.device)]
+        # softmax(-||z - e||^2 / T) over codes; ||z||^2 is constant per row and cancels in the softmax,
+        # so the logits are one addmm: (2 z.e - ||e||^2) / T.
+        temperature = self.config.entropy_temperature
+        logits = torch.addmm(codebook.pow(2).sum(1), latents, codebook.t(), beta=-1 / temperature,
+                             alpha=2 / temperature)  # (n, K)
+        log_probs = F.log_softmax(logits, dim=1)  # (n, K)
         probs = log_probs.exp()
         per_token_entropy = -(probs * log_probs).sum(1).mean()
         mean_probs = probs.mean(0)  # (K,)
@@ -140,6 +146,11 @@ class VectorQuantizer(Quantizer):
             self._ema_update(latents, indices, counts)
         restarted = self._restart_dead_codes(latents) if self.config.dead_code_steps > 0 else None
         return self.codebook_stats(counts, restarted)
+
+    def _step_generator(self, salt: int) -> torch.Generator:
+        """CPU generator seeded by (seed, step, salt): a resumed run draws the same random numbers
+        without saving generator state, and eval-mode forward stays a pure function."""
+        return torch.Generator().manual_seed((self.config.seed * 1_000_003 + int(self.usage_step)) * 4 + salt)
 
     @torch.no_grad()
     def _kmeans_init(self, latents: Tensor) -> None:
@@ -185,9 +196,7 @@ class VectorQuantizer(Quantizer):
         dead = self.find_dead_codes().nonzero().squeeze(1)  # (n_dead,)
         if dead.numel() == 0:
             return 0
-        # Seeded by (seed, step): a resumed run draws the same samples without saving generator state.
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + int(self.usage_step))
-        picks = torch.randint(latents.shape[0], (dead.numel(),), generator=generator)
+        picks = torch.randint(latents.shape[0], (dead.numel(),), generator=self._step_generator(salt=0))
         samples = latents[picks.to(latents.device)].to(self.codebook.dtype)  # (n_dead, d)
         distributed.broadcast_(samples)
         self.codebook.data[dead] = samples

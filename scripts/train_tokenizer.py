@@ -1,0 +1,6 @@
+"""Train a vqstack image tokenizer: `accelerate launch scripts/train_tokenizer.py --help`."""
+
+from pipelines.train_tokenizer import main
+
+if __name__ == "__main__":
+    main()
