@@ -57,3 +57,47 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
     if lpips_values:
         metrics["lpips"] = sum(lpips_values) / len(lpips_values)
     return metrics, first
+
+
+def build_parser():
+    import argparse
+
+    from .train_tokenizer import add_data_args
+
+    parser = argparse.ArgumentParser(description="Evaluate a saved tokenizer on a dataset; prints JSON metrics.")
+    parser.add_argument("--tokenizer", type=str, required=True, help="folder or Hub id of a saved tokenizer")
+    parser.add_argument("--split", type=str, default="validation", choices=["train", "validation"])
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--max_batches", type=int, default=None)
+    parser.add_argument("--lpips_weights", type=str, default=None,
+                        help="torchvision VGG16 weights file; LPIPS is reported when these (or the cached ones) exist")
+    parser.add_argument("--output", type=str, default=None, help="also write the JSON here")
+    parser.add_argument("--seed", type=int, default=0)
+    add_data_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    import json
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from tokenizer.losses import LPIPSLoss, lpips_available
+
+    from .data import collate_images
+    from .train_tokenizer import load_data
+
+    args = build_parser().parse_args(argv)
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer)
+    datasets, _, source = load_data(args, tokenizer.config.in_channels)
+    loader = DataLoader(datasets[args.split], batch_size=args.batch_size, collate_fn=collate_images)
+    perceptual = LPIPSLoss(trunk_weights=args.lpips_weights) if lpips_available(trunk_weights=args.lpips_weights) else None
+    metrics, _ = evaluate_tokenizer(tokenizer, loader, max_batches=args.max_batches, perceptual=perceptual)
+    metrics.update(tokenizer=args.tokenizer, dataset=source, split=args.split, resolution=args.resolution)
+    if perceptual is None:
+        metrics["lpips"] = None  # the VGG16 trunk is not available locally (see --lpips_weights)
+    text = json.dumps(metrics, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)

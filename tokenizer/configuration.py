@@ -128,6 +128,14 @@ def _tiny() -> VQTokenizerConfig:
     )
 
 
+def _quickstart() -> VQTokenizerConfig:
+    # f4 with 256 codes: small enough to train on the embedded digits in about a minute on 2 CPU cores.
+    return VQTokenizerConfig(
+        base_channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, mid_attention=False,
+        latent_channels=32, norm_groups=8, quantizer=QuantizerConfig(codebook_size=256),
+    )
+
+
 def _small_f4() -> VQTokenizerConfig:
     # ~4M parameters, f4, 1024 codes: the size measured in the benchmarks on 32x32 patches.
     return VQTokenizerConfig(
@@ -152,4 +160,4 @@ def _f16_16384() -> VQTokenizerConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "small-f4": _small_f4, "f8-16384": _f8_16384, "f16-16384": _f16_16384}
+PRESETS = {"tiny": _tiny, "quickstart": _quickstart, "small-f4": _small_f4, "f8-16384": _f8_16384, "f16-16384": _f16_16384}

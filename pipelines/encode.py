@@ -1,0 +1,162 @@
+"""Pre-tokenization: run a saved tokenizer over an image dataset once, store the index grids for any prior.
+
+The dataset is cut into shards; each shard is encoded with `datasets.map(batched=True)` and written to disk
+atomically, so an interrupted run resumes at the first missing shard, and `accelerate launch` spreads the
+shards over processes. Only one shard is in memory at a time, so datasets larger than RAM work too.
+The result is an Arrow dataset per split with columns "indices" (int32, (h, w)) and, when labelled, "label",
+plus `tokens.json` describing the grid shape, codebook size and classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import PartialState
+
+from tokenizer import VQImageProcessor, VQTokenizer
+
+logger = logging.getLogger(__name__)
+METADATA_NAME = "tokens.json"
+
+
+def _encode_batch(batch: dict, tokenizer: VQTokenizer, processor: VQImageProcessor, device) -> dict:
+    pixels = processor.preprocess(batch["image"]).to(device)  # (B, C, H, W)
+    with torch.no_grad():
+        indices = tokenizer.encode(pixels).indices  # (B, h, w)
+    output = {"indices": indices.to(torch.int32).cpu().numpy()}
+    if "label" in batch:
+        output["label"] = batch["label"]
+    return output
+
+
+def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: Path, *, resolution: int,
+                 batch_size: int = 64, shard_size: int = 10_000, state: PartialState | None = None) -> datasets.Dataset:
+    """Encode one split into `output_dir` (an Arrow dataset); finished shards from an earlier run are reused."""
+    state = state or PartialState()
+    if "image" not in dataset.column_names:
+        raise ValueError(f"the dataset has no 'image' column; its columns are {dataset.column_names}")
+    processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution)
+    grid = tokenizer.token_grid_shape(resolution, resolution)
+    keep = [c for c in ("image", "label") if c in dataset.column_names]
+    dataset = dataset.select_columns(keep)
+    features = datasets.Features({"indices": datasets.Array2D(shape=grid, dtype="int32")})
+    if "label" in keep:
+        features["label"] = dataset.features["label"]
+    num_shards = max(1, math.ceil(len(dataset) / shard_size))
+    shard_root = output_dir.with_name(output_dir.name + ".shards")
+    tokenizer = tokenizer.to(state.device).eval()
+    for index in range(state.process_index, num_shards, state.num_processes):
+        final = shard_root / f"shard-{index:05d}"
+        if final.is_dir():
+            continue
+        shard = dataset.shard(num_shards=num_shards, index=index, contiguous=True)
+        encoded = shard.map(_encode_batch, batched=True, batch_size=batch_size, remove_columns=keep,
+                            features=features, fn_kwargs={"tokenizer": tokenizer, "processor": processor,
+                                                          "device": state.device},
+                            desc=f"encoding shard {index + 1}/{num_shards}", load_from_cache_file=False)
+        temporary = shard_root / f"shard-{index:05d}.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        encoded.save_to_disk(str(temporary))
+        temporary.rename(final)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shards = [datasets.load_from_disk(str(shard_root / f"shard-{i:05d}")) for i in range(num_shards)]
+        merged = datasets.concatenate_datasets(shards)
+        temporary = output_dir.with_name(output_dir.name + ".tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        merged.save_to_disk(str(temporary))
+        shutil.rmtree(output_dir, ignore_errors=True)
+        temporary.rename(output_dir)
+        shutil.rmtree(shard_root)
+    state.wait_for_everyone()
+    return datasets.load_from_disk(str(output_dir))
+
+
+def encode_dataset(tokenizer: VQTokenizer, dataset_dict: datasets.DatasetDict, output_dir: str | Path, *,
+                   resolution: int, batch_size: int = 64, shard_size: int = 10_000,
+                   tokenizer_source: str | None = None) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """Encode every split of `dataset_dict`; returns the token datasets and the metadata written to tokens.json."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = PartialState()
+    encoded = datasets.DatasetDict({
+        name: encode_split(tokenizer, split, output_dir / name, resolution=resolution, batch_size=batch_size,
+                           shard_size=shard_size, state=state)
+        for name, split in dataset_dict.items()
+    })
+    label_feature = next((s.features.get("label") for s in dataset_dict.values() if "label" in s.column_names), None)
+    metadata = {
+        "grid_shape": list(tokenizer.token_grid_shape(resolution, resolution)),
+        "codebook_size": tokenizer.codebook_size,
+        "resolution": resolution,
+        "num_classes": _num_classes(label_feature, encoded),
+        "class_names": list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None,
+        "tokenizer": tokenizer_source,
+        "splits": {name: len(split) for name, split in encoded.items()},
+    }
+    if state.is_main_process:
+        (output_dir / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+    return encoded, metadata
+
+
+def _num_classes(feature, encoded: datasets.DatasetDict) -> int:
+    if feature is None:
+        return 0
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    return 1 + max(int(max(split["label"])) for split in encoded.values() if len(split))
+
+
+def load_token_dataset(path: str | Path) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """A folder written by `encode_dataset`: its splits (torch-formatted) and its metadata."""
+    path = Path(path)
+    metadata_file = path / METADATA_NAME
+    if not metadata_file.is_file():
+        raise FileNotFoundError(f"{path} has no {METADATA_NAME}; create it with `vqstack encode` first")
+    metadata = json.loads(metadata_file.read_text())
+    splits = {name: datasets.load_from_disk(str(path / name)) for name in metadata["splits"]}
+    for name, split in splits.items():
+        if "indices" not in split.column_names:
+            raise ValueError(f"split {name!r} of {path} has no 'indices' column; its columns are {split.column_names}")
+        split.set_format("torch")
+    return datasets.DatasetDict(splits), metadata
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train_tokenizer import add_data_args
+
+    parser = argparse.ArgumentParser(description="Encode an image dataset into index grids with a saved tokenizer.")
+    parser.add_argument("--tokenizer", type=str, required=True, help="folder or Hub id of a saved tokenizer")
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--shard_size", type=int, default=10_000, help="images per resumable shard")
+    parser.add_argument("--seed", type=int, default=0)
+    add_data_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .data import load_image_dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer)
+    state = PartialState()
+    with state.main_process_first():
+        images = load_image_dataset(
+            dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, embedded=args.dataset,
+            dataset_config_name=args.dataset_config_name, image_column=args.image_column,
+            label_column=args.label_column, validation_split=args.validation_split, resolution=args.resolution,
+            seed=args.seed, cache_dir=args.cache_dir, strict_data=args.strict_data, max_samples=args.max_train_samples)
+    _, metadata = encode_dataset(tokenizer, images, args.output_dir, resolution=args.resolution,
+                                 batch_size=args.batch_size, shard_size=args.shard_size,
+                                 tokenizer_source=args.tokenizer)
+    state.print(json.dumps(metadata, indent=2))

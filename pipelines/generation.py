@@ -1,0 +1,302 @@
+"""`GenerationPipeline`: a prior samples index grids, the tokenizer decodes them into images.
+
+Saved as one folder: `tokenizer/`, `prior/` and `pipeline.json`. `accelerate launch scripts/generate.py`
+spreads a large request over all processes and gathers the images on the main process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from huggingface_hub import HfApi, ModelCard, snapshot_download
+from tqdm.auto import tqdm
+
+from prior import Prior, load_prior
+from tokenizer import VQTokenizer
+
+from .images import image_grid, save_image
+
+PIPELINE_CONFIG_NAME = "pipeline.json"
+PIPELINE_FORMAT_VERSION = 1
+
+
+class IncompatibleComponentsError(ValueError):
+    """The prior's codebook size or grid shape does not fit the tokenizer."""
+
+
+@dataclass
+class GenerationOutput:
+    """Generated images with the index grids they were decoded from."""
+
+    images: Any  # list of PIL images, uint8 numpy (N, H, W, C), or float tensor (N, C, H, W) in [-1, 1]
+    indices: torch.Tensor  # (N, h, w)
+    labels: torch.Tensor | None  # (N,) class ids, when the prior is class-conditional
+
+
+class GenerationPipeline:
+    """Sample images: `pipeline(num_images, labels=...)`.
+
+    `labels` are class ids (ints) or class names from `class_names`. Sampling options are those of
+    `Prior.sample` (temperature -> top-k -> top-p, classifier-free `guidance_scale`).
+    """
+
+    def __init__(self, tokenizer: VQTokenizer, prior: Prior, class_names: Sequence[str] | None = None):
+        if not isinstance(tokenizer, VQTokenizer):
+            raise TypeError(f"tokenizer must be a VQTokenizer, got {type(tokenizer).__name__}")
+        if not isinstance(prior, Prior):
+            raise TypeError(f"prior must be a vqstack Prior, got {type(prior).__name__}")
+        check_compatible(tokenizer, prior)
+        if class_names is not None and len(class_names) != prior.config.num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but the prior has "
+                             f"num_classes={prior.config.num_classes}")
+        self.tokenizer = tokenizer.eval()
+        self.prior = prior.eval()
+        self.class_names = list(class_names) if class_names is not None else None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        h, w = self.prior.config.grid_shape
+        return h * self.tokenizer.downsample_factor, w * self.tokenizer.downsample_factor
+
+    def to(self, device: torch.device | str) -> GenerationPipeline:
+        self.tokenizer.to(device)
+        self.prior.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+    def _label_ids(self, labels: Sequence[int | str] | torch.Tensor | None, num_images: int) -> torch.Tensor | None:
+        if labels is None:
+            return None
+        if isinstance(labels, (int, str)):
+            labels = [labels] * num_images
+        ids = []
+        for label in labels.tolist() if isinstance(labels, torch.Tensor) else labels:
+            if isinstance(label, str):
+                if not self.class_names or label not in self.class_names:
+                    raise ValueError(f"unknown class name {label!r}; known names: {self.class_names}")
+                label = self.class_names.index(label)
+            ids.append(int(label))
+        if len(ids) != num_images:
+            raise ValueError(f"labels has {len(ids)} entries but num_images={num_images}")
+        return torch.tensor(ids, dtype=torch.long)
+
+    @torch.no_grad()
+    def __call__(self, num_images: int = 1, labels: Sequence[int | str] | torch.Tensor | int | str | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 guidance_scale: float = 1.0, batch_size: int = 64, generator: torch.Generator | None = None,
+                 seed: int | None = None, output_type: str = "pil", progress: bool = True) -> GenerationOutput:
+        """Sample `num_images` grids in batches of `batch_size` and decode them."""
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator or seed, not both")
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        label_ids = self._label_ids(labels, num_images)
+        grids, images = [], []
+        starts = range(0, num_images, batch_size)
+        for start in tqdm(starts, desc="generating", disable=not progress or len(starts) == 1):
+            count = min(batch_size, num_images - start)
+            batch_labels = None if label_ids is None else label_ids[start:start + count].to(self.device)
+            indices = self.prior.sample(count, labels=batch_labels, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        guidance_scale=guidance_scale, generator=generator)  # (b, h, w)
+            grids.append(indices.cpu())
+            images.append(self.tokenizer.decode(indices).cpu())  # (b, C, H, W) in [-1, 1]
+        pixels = torch.cat(images)
+        result = pixels if output_type == "pt" else self.tokenizer.image_processor.postprocess(pixels, output_type)
+        return GenerationOutput(images=result, indices=torch.cat(grids), labels=label_ids)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write `tokenizer/`, `prior/` and `pipeline.json` under `save_directory`."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        self.prior.save_pretrained(folder / "prior")
+        config = {"format_version": PIPELINE_FORMAT_VERSION, "tokenizer": "tokenizer", "prior": "prior",
+                  "prior_type": self.prior.config.prior_type, "class_names": self.class_names,
+                  "image_size": list(self.image_size)}
+        (folder / PIPELINE_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if not (folder / "README.md").exists():
+            pipeline_model_card(self, sample_grid=None).save(folder / "README.md")
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path, **hub_kwargs: Any) -> GenerationPipeline:
+        """Load a pipeline folder, or download one from the Hub (JSON and safetensors files only)."""
+        folder = Path(path_or_repo_id)
+        if not folder.is_dir():
+            folder = Path(snapshot_download(str(path_or_repo_id), allow_patterns=["*.json", "*.safetensors", "*.md"],
+                                            **hub_kwargs))
+        config_file = folder / PIPELINE_CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path_or_repo_id} has no {PIPELINE_CONFIG_NAME}: it is not a saved pipeline")
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+        version = config.get("format_version")
+        if not isinstance(version, int) or version > PIPELINE_FORMAT_VERSION:
+            raise ValueError(f"{config_file} has format_version={version!r}; this vqstack reads versions <= "
+                             f"{PIPELINE_FORMAT_VERSION}, upgrade vqstack to load it")
+        tokenizer = VQTokenizer.from_pretrained(folder / "tokenizer")
+        prior = load_prior(folder / "prior")
+        return cls(tokenizer, prior, class_names=config.get("class_names"))
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                    num_sample_images: int = 16, seed: int = 0) -> str:
+        """Upload both parts, `pipeline.json`, a sample grid and one model card covering everything."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            self.save_pretrained(folder)
+            grid = self.sample_grid(num_sample_images, seed=seed)
+            save_image(grid, folder / "samples.png")
+            pipeline_model_card(self, sample_grid="samples.png").save(folder / "README.md")
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                                       commit_message="Upload vqstack generation pipeline")
+        return str(commit)
+
+    def sample_grid(self, num_images: int = 16, seed: int = 0, **sampling: Any):
+        """A PIL grid of samples: one row per class for class-conditional priors."""
+        num_classes = self.prior.config.num_classes
+        per_row = max(1, num_images // num_classes) if num_classes else int(math.sqrt(num_images)) or 1
+        labels = [c for c in range(num_classes) for _ in range(per_row)] if num_classes else None
+        count = len(labels) if labels else num_images
+        out = self(count, labels=labels, seed=seed, output_type="pt", progress=False, **sampling)
+        return image_grid(out.images, columns=per_row, scale=2)
+
+
+def check_compatible(tokenizer: VQTokenizer, prior: Prior) -> None:
+    """Raise `IncompatibleComponentsError` when the prior's tokens cannot be decoded by the tokenizer."""
+    if prior.config.codebook_size != tokenizer.codebook_size:
+        raise IncompatibleComponentsError(
+            f"the prior models {prior.config.codebook_size} codes but the tokenizer has {tokenizer.codebook_size}: "
+            "train the prior on grids encoded by this tokenizer")
+    resolution = tokenizer.training_info.get("resolution")
+    if resolution:
+        expected = tokenizer.token_grid_shape(resolution, resolution)
+        if tuple(prior.config.grid_shape) != tuple(expected):
+            raise IncompatibleComponentsError(
+                f"the prior's grid_shape {tuple(prior.config.grid_shape)} does not match the tokenizer's "
+                f"{expected} grid for the {resolution}px images it was trained on")
+
+
+def pipeline_model_card(pipeline: GenerationPipeline, sample_grid: str | None) -> ModelCard:
+    tokenizer, prior = pipeline.tokenizer, pipeline.prior
+    h, w = prior.config.grid_shape
+    lines = [
+        "---", "library_name: vqstack", "tags:", "- vqstack", "- image-generation", "- vqgan", "---", "",
+        "# vqstack generation pipeline", "",
+        f"A {prior.config.prior_type} prior over {h}x{w} grids of {prior.config.codebook_size} codes, decoded by a "
+        f"VQ tokenizer (downsampling factor {tokenizer.downsample_factor}) into "
+        f"{pipeline.image_size[0]}x{pipeline.image_size[1]} images.", "",
+    ]
+    if sample_grid:
+        lines += [f"![samples]({sample_grid})", ""]
+    lines += ["| part | parameters | details |", "|---|---|---|",
+              f"| tokenizer | {sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M | "
+              f"{tokenizer.config.quantizer.kind}, {tokenizer.codebook_size} codes |",
+              f"| prior | {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M | {prior.config.prior_type}, "
+              f"{prior.config.num_classes} classes |", ""]
+    if pipeline.class_names:
+        lines += [f"Classes: {', '.join(pipeline.class_names)}", ""]
+    for title, info in (("Tokenizer training", tokenizer.training_info), ("Prior training", prior.training_metrics)):
+        if info:
+            lines += [f"## {title}", "", "```json", json.dumps(info, indent=2, default=str), "```", ""]
+    lines += ["## Usage", "", "```python", "from pipelines import GenerationPipeline",
+              'pipe = GenerationPipeline.from_pretrained("<this repo or folder>")',
+              "images = pipe(8, labels=[0] * 8, seed=0).images", "```", ""]
+    return ModelCard("\n".join(lines))
+
+
+def generate_distributed(pipeline: GenerationPipeline, num_images: int, labels: Sequence[int] | None = None,
+                         seed: int = 0, **sampling: Any) -> GenerationOutput | None:
+    """Split a request over all `accelerate` processes; the main process gets every image, the others None.
+
+    Process i samples its share with seed `seed + i`, so the result is reproducible for a given world size.
+    """
+    state = PartialState()
+    pipeline.to(state.device)
+    positions = list(range(num_images))
+    with state.split_between_processes(positions) as mine:
+        local_labels = [labels[i] for i in mine] if labels is not None else None
+        out = pipeline(len(mine), labels=local_labels, seed=seed + state.process_index, output_type="np",
+                       **sampling) if mine else None
+        shard = [] if out is None else list(zip(mine, out.images, out.indices.numpy()))
+    gathered = gather_object(shard)
+    if not state.is_main_process:
+        return None
+    gathered.sort(key=lambda item: item[0])
+    images = np.stack([item[1] for item in gathered])
+    indices = torch.from_numpy(np.stack([item[2] for item in gathered]))
+    label_tensor = torch.tensor(labels) if labels is not None else None
+    return GenerationOutput(images=images, indices=indices, labels=label_tensor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Generate images with a saved vqstack pipeline.")
+    parser.add_argument("--pipeline", type=str, required=True, help="folder or Hub id of a saved pipeline")
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--num_images", type=int, default=16)
+    parser.add_argument("--labels", type=str, nargs="*", default=None,
+                        help="class ids or names; one per image, or one for all; 'all' = cycle through classes")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _parse_labels(raw: list[str] | None, pipeline: GenerationPipeline, num_images: int) -> list | None:
+    if not raw:
+        return None
+    if raw == ["all"]:
+        return [i % pipeline.prior.config.num_classes for i in range(num_images)]
+    labels = [int(x) if x.lstrip("-").isdigit() else x for x in raw]
+    if len(labels) == 1:
+        labels = labels * num_images
+    ids = pipeline._label_ids(labels, num_images)
+    return ids.tolist() if ids is not None else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    pipeline = GenerationPipeline.from_pretrained(args.pipeline)
+    labels = _parse_labels(args.labels, pipeline, args.num_images)
+    out = generate_distributed(pipeline, args.num_images, labels=labels, seed=args.seed,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               guidance_scale=args.guidance_scale, batch_size=args.batch_size)
+    if out is None:
+        return
+    folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    for index, image in enumerate(out.images):
+        save_image(Image.fromarray(image[:, :, 0] if image.shape[-1] == 1 else image), folder / f"{index:05d}.png")
+    pixels = torch.from_numpy(out.images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    columns = pipeline.prior.config.num_classes or int(math.sqrt(args.num_images)) or 1
+    save_image(image_grid(pixels, columns=min(columns, args.num_images), scale=2), folder / "grid.png")
+    np.save(folder / "indices.npy", out.indices.numpy())
+    print(f"wrote {len(out.images)} images and grid.png to {folder}")

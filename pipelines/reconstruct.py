@@ -1,0 +1,55 @@
+"""`vqstack reconstruct`: image files in, tokenizer reconstructions (and their index grids) out."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from tokenizer import VQImageProcessor, VQTokenizer
+
+from .images import save_image
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("--tokenizer", type=str, required=True, help="folder or Hub id of a saved tokenizer")
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="resize + center-crop to this size; default: crop to a multiple of the downsampling factor")
+    return parser
+
+
+@torch.no_grad()
+def reconstruct_files(tokenizer: VQTokenizer, paths: list[str], output_dir: str | Path,
+                      resolution: int | None = None) -> list[Path]:
+    """Reconstruct each image file; writes `<name>.png` and `<name>.indices.npy`, returns the PNG paths."""
+    processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution,
+                                 crop_to_multiple=None if resolution else tokenizer.downsample_factor)
+    if resolution is not None:
+        tokenizer.token_grid_shape(resolution, resolution)  # fails early if not a multiple of the factor
+    written = []
+    for path in map(Path, paths):
+        try:
+            with Image.open(path) as image:
+                image.load()
+                pixels = processor.preprocess(image)  # (1, C, H, W)
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"cannot read image {str(path)!r}: {error}") from error
+        indices = tokenizer.encode(pixels).indices  # (1, h, w)
+        image_out = processor.postprocess(tokenizer.decode(indices), "pil")[0]
+        target = Path(output_dir) / f"{path.stem}.png"
+        written.append(save_image(image_out, target))
+        np.save(target.with_suffix(".indices.npy"), indices[0].numpy())
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer).eval()
+    for path in reconstruct_files(tokenizer, args.images, args.output_dir, args.resolution):
+        print(path)

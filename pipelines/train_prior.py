@@ -1,0 +1,240 @@
+"""Train a prior (PixelCNN or Transformer) on pre-tokenized index grids, through `accelerate`.
+
+`accelerate launch scripts/train_prior.py --tokens_dir out/tokens --prior transformer --output_dir out/prior`
+uses the same conventions as tokenizer training: atomic checkpoints, exact resume, EMA, mixed precision,
+trackers, validation bits/token on the held-out split and, given `--tokenizer`, periodic decoded samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from prior import PixelCNNConfig, PixelCNNPrior, Prior, TransformerPrior, TransformerPriorConfig
+
+from .encode import load_token_dataset
+from .images import image_grid, save_image
+from .training import (
+    ExponentialMovingAverage,
+    NonFiniteGuard,
+    add_common_training_args,
+    batches,
+    check_common_args,
+    evaluation_dataloader,
+    make_accelerator,
+    make_scheduler,
+    maybe_resume,
+    progress_bar,
+    save_training_checkpoint,
+    training_dataloader,
+    unwrap_float32,
+)
+
+logger = logging.getLogger(__name__)
+PRIORS = {"pixelcnn": (PixelCNNPrior, PixelCNNConfig), "transformer": (TransformerPrior, TransformerPriorConfig)}
+
+
+def add_prior_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens_dir", type=str, required=True, help="a folder written by `vqstack encode`")
+    parser.add_argument("--prior", type=str, default="transformer", choices=sorted(PRIORS))
+    parser.add_argument("--prior_config", type=str, default="base",
+                        help="a preset name of the chosen prior (tiny, base) or a config.json path")
+    parser.add_argument("--label_dropout", type=float, default=None, help="class dropout for guidance (default: preset)")
+    parser.add_argument("--pkeep", type=float, default=None, help="Transformer: keep-probability of input codes")
+    parser.add_argument("--unconditional", action="store_true", help="ignore the labels of the token dataset")
+    parser.add_argument("--tokenizer", type=str, default=None, help="saved tokenizer, to decode validation samples")
+    parser.add_argument("--num_validation_samples", type=int, default=16)
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="for validation samples")
+    parser.add_argument("--temperature", type=float, default=1.0, help="for validation samples")
+    parser.add_argument("--top_k", type=int, default=None, help="for validation samples")
+    add_common_training_args(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_prior_args(parser)
+    return parser
+
+
+def build_prior(args: argparse.Namespace, metadata: dict) -> Prior:
+    """A prior whose grid shape, codebook size and classes come from the token dataset's metadata."""
+    prior_class, config_class = PRIORS[args.prior]
+    data_fields = {
+        "grid_shape": tuple(metadata["grid_shape"]),
+        "codebook_size": metadata["codebook_size"],
+        "num_classes": 0 if args.unconditional else metadata["num_classes"],
+    }
+    if args.label_dropout is not None:
+        data_fields["label_dropout"] = args.label_dropout
+    if args.pkeep is not None:
+        if args.prior != "transformer":
+            raise ValueError("--pkeep applies to --prior transformer only")
+        data_fields["pkeep"] = args.pkeep
+    if Path(args.prior_config).suffix == ".json":
+        from prior.configuration import config_from_dict
+
+        config = config_from_dict(json.loads(Path(args.prior_config).read_text()), source=args.prior_config)
+        if not isinstance(config, config_class):
+            raise ValueError(f"{args.prior_config} describes a {config.prior_type} prior, not --prior {args.prior}")
+        data = config.to_dict()
+        data.update(data_fields)
+        config = config_from_dict(data, source=args.prior_config)
+    else:
+        config = config_class.from_preset(args.prior_config, **data_fields)
+    return prior_class(config)
+
+
+def _split_batch(batch: dict, prior: Prior) -> tuple[torch.Tensor, torch.Tensor | None]:
+    labels = batch.get("label") if prior.config.num_classes > 0 else None
+    return batch["indices"].long(), labels
+
+
+def collate_tokens(examples: list[dict]) -> dict:
+    batch = {"indices": torch.stack([e["indices"] for e in examples])}  # (B, h, w)
+    if "label" in examples[0]:
+        batch["label"] = torch.stack([torch.as_tensor(e["label"]) for e in examples]).long()  # (B,)
+    return batch
+
+
+def train_prior(args: argparse.Namespace) -> Path:
+    """Run the training described by `args`; returns the folder of the exported prior."""
+    check_common_args(args)
+    accelerator = make_accelerator(args)
+    tokens, metadata = load_token_dataset(args.tokens_dir)
+    if "validation" not in tokens:
+        raise ValueError(f"{args.tokens_dir} has no 'validation' split; its splits are {list(tokens)}")
+    model = build_prior(args, metadata)
+    train_loader = training_dataloader(tokens["train"], args, collate_tokens)
+    val_loader = evaluation_dataloader(tokens["validation"], args.train_batch_size, collate_tokens)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay)
+    scheduler = make_scheduler(args, optimizer)
+    model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
+        model, optimizer, scheduler, train_loader, val_loader)
+    ema = ExponentialMovingAverage(unwrap_float32(accelerator, model), args.ema_decay) if args.use_ema else None
+    extra_state = {"ema": ema} if ema else {}
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
+    step = maybe_resume(accelerator, args, guard, extra_state)
+    tokenizer = _load_tokenizer(args, metadata)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("vqstack-prior", config={k: v for k, v in vars(args).items()
+                                                         if isinstance(v, (int, float, str, bool))})
+    bar = progress_bar(accelerator, args, step, f"prior ({args.prior})")
+    data = batches(accelerator, train_loader, step)
+    metrics: dict = {}
+    while step < args.max_train_steps:
+        for _ in range(args.gradient_accumulation_steps):
+            loss = _train_micro_step(accelerator, model, optimizer, scheduler, next(data), args, guard)
+        step += 1
+        if ema is not None:
+            ema.update(unwrap_float32(accelerator, model))
+        bar.update(1)
+        if loss is not None:
+            bar.set_postfix(bits_per_token=f"{loss / math.log(2):.3f}")
+            accelerator.log({"train/bits_per_token": loss / math.log(2), "lr": scheduler.get_last_lr()[0]}, step=step)
+        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            save_training_checkpoint(accelerator, args, step, guard, extra_state)
+        if step % args.validation_steps == 0 or step == args.max_train_steps:
+            metrics = _validate(accelerator, model, val_loader, tokenizer, metadata, args, step)
+    bar.close()
+    return _export(accelerator, model, ema, args, metrics, step)
+
+
+def _train_micro_step(accelerator, model, optimizer, scheduler, batch, args, guard) -> float | None:
+    indices, labels = _split_batch(batch, unwrap_float32(accelerator, model))
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            loss = model(indices, labels).loss
+        if guard.is_bad(accelerator, loss):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate_prior(prior: Prior, dataloader, accelerator=None) -> dict[str, float]:
+    """Held-out bits per token (exact log-likelihood), over all processes."""
+    was_training = prior.training
+    prior.eval()
+    total_bits, total_tokens = 0.0, 0
+    for batch in dataloader:
+        indices, labels = _split_batch(batch, prior)
+        bits = -prior.log_prob(indices, labels) / math.log(2)  # (B,)
+        if accelerator is not None:
+            bits = accelerator.gather_for_metrics(bits)
+        total_bits += float(bits.sum())
+        total_tokens += bits.numel() * indices[0].numel()
+    prior.train(was_training)
+    return {"bits_per_token": total_bits / max(total_tokens, 1)}
+
+
+def _validate(accelerator, model, val_loader, tokenizer, metadata, args, step) -> dict:
+    prior = unwrap_float32(accelerator, model)
+    metrics = evaluate_prior(prior, val_loader, accelerator)
+    accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        folder = Path(args.output_dir) / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        accelerator.print(f"step {step}: held-out bits/token {metrics['bits_per_token']:.4f}")
+        if tokenizer is not None:
+            _save_samples(prior, tokenizer, args, folder / f"samples-{step:06d}.png")
+    return metrics
+
+
+def _save_samples(prior: Prior, tokenizer, args, path: Path) -> None:
+    count = args.num_validation_samples
+    num_classes = prior.config.num_classes
+    labels = [i % num_classes for i in range(count)] if num_classes else None
+    prior.eval()
+    generator = torch.Generator(device=next(prior.parameters()).device).manual_seed(args.seed)
+    indices = prior.sample(count, labels=labels, temperature=args.temperature, top_k=args.top_k,
+                           guidance_scale=args.guidance_scale, generator=generator)
+    prior.train()
+    with torch.no_grad():
+        images = tokenizer.to(indices.device).decode(indices)
+    save_image(image_grid(images, columns=num_classes or int(math.sqrt(count)) or 1, scale=2), path)
+
+
+def _load_tokenizer(args, metadata):
+    if args.tokenizer is None:
+        return None
+    from tokenizer import VQTokenizer
+
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer).eval()
+    if tokenizer.codebook_size != metadata["codebook_size"]:
+        raise ValueError(f"--tokenizer has {tokenizer.codebook_size} codes but the tokens in {args.tokens_dir} use "
+                         f"{metadata['codebook_size']}")
+    return tokenizer
+
+
+def _export(accelerator, model, ema, args, metrics, step) -> Path:
+    accelerator.wait_for_everyone()
+    folder = Path(args.output_dir) / "prior"
+    if accelerator.is_main_process:
+        prior = unwrap_float32(accelerator, model)
+        if ema is not None:
+            ema.copy_to(prior)
+        prior.training_metrics = {"train_steps": float(step), **{f"validation_{k}": v for k, v in metrics.items()}}
+        prior.save_pretrained(folder)
+        if args.push_to_hub:
+            prior.push_to_hub(args.hub_model_id, token=args.hub_token)
+    accelerator.end_training()
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    train_prior(build_parser().parse_args(argv))

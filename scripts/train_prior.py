@@ -1,0 +1,6 @@
+"""Train a prior on pre-tokenized index grids: `accelerate launch scripts/train_prior.py --help`."""
+
+from pipelines.train_prior import main
+
+if __name__ == "__main__":
+    main()
