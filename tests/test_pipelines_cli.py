@@ -1,0 +1,192 @@
+"""End to end on tiny settings: every `vqstack` subcommand, the generation pipeline, pushing, many processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.cli import COMMANDS, main
+from pipelines.encode import load_token_dataset
+from pipelines.generation import GenerationPipeline, IncompatibleComponentsError
+from prior import TransformerPrior, TransformerPriorConfig, load_prior
+from tokenizer import VQTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["--no_progress", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny tokenizer trained on digits, its token dataset, and a tiny class-conditional prior."""
+    root = tmp_path_factory.mktemp("e2e")
+    main(["train-tokenizer", "--dataset", "digits", "--config", "tiny", "--codebook_size", "32",
+          "--output_dir", str(root / "tok"), "--max_train_steps", "2", "--train_batch_size", "8",
+          "--perceptual_weight", "0", "--max_train_samples", "64", "--max_validation_batches", "1", *QUIET])
+    main(["encode", "--tokenizer", str(root / "tok" / "tokenizer"), "--dataset", "digits",
+          "--output_dir", str(root / "tokens"), "--shard_size", "120", "--batch_size", "64",
+          "--max_train_samples", "300"])
+    main(["train-prior", "--tokens_dir", str(root / "tokens"), "--prior", "transformer", "--prior_config", "tiny",
+          "--output_dir", str(root / "prior"), "--max_train_steps", "2", "--train_batch_size", "8",
+          "--tokenizer", str(root / "tok" / "tokenizer"), "--num_validation_samples", "4", *QUIET])
+    tokenizer = VQTokenizer.from_pretrained(root / "tok" / "tokenizer")
+    prior = load_prior(root / "prior" / "prior")
+    GenerationPipeline(tokenizer, prior, class_names=[str(i) for i in range(10)]).save_pretrained(root / "pipe")
+    return root
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: vqstack {name}" in capsys.readouterr().out
+
+
+def test_unknown_command_and_bad_flag(capsys):
+    assert main(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-prior", "--prior", "lstm", "--tokens_dir", "x", "--output_dir", "y"])
+    assert "invalid choice: 'lstm'" in capsys.readouterr().err
+
+
+def test_token_dataset_and_prior_outputs(workdir):
+    tokens, metadata = load_token_dataset(workdir / "tokens")
+    assert metadata["grid_shape"] == [8, 8] and metadata["codebook_size"] == 32 and metadata["num_classes"] == 10
+    assert tokens["train"][0]["indices"].shape == (8, 8)
+    assert (len(tokens["train"]), len(tokens["validation"])) == (300, 180)
+    assert not list(workdir.glob("tokens/*.shards"))  # shards merged and cleaned up
+    assert (workdir / "prior" / "validation" / "samples-000002.png").is_file()
+    prior = load_prior(workdir / "prior" / "prior")
+    assert prior.config.num_classes == 10 and prior.training_metrics["validation_bits_per_token"] > 0
+
+
+def test_encode_resumes_from_finished_shards(workdir, tmp_path):
+    from pipelines.data import load_embedded_dataset
+    from pipelines.encode import encode_split
+
+    tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
+    images = load_embedded_dataset("digits")["validation"].select(range(150))
+    target = tmp_path / "validation"
+    shards = tmp_path / "validation.shards"
+    import datasets
+
+    real_save = datasets.Dataset.save_to_disk
+    calls = []
+
+    def failing_second_save(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(self, path, *args, **kwargs)
+
+    with mock.patch.object(datasets.Dataset, "save_to_disk", failing_second_save):
+        with pytest.raises(OSError, match="disk full"):
+            encode_split(tokenizer, images, target, resolution=32, shard_size=100)
+    assert [p.name for p in shards.iterdir()] == ["shard-00000"]  # the finished shard survived
+    encoded = encode_split(tokenizer, images, target, resolution=32, shard_size=100)
+    expected = encode_split(tokenizer, images, tmp_path / "fresh", resolution=32, shard_size=150)
+    assert torch.equal(torch.tensor(encoded["indices"]), torch.tensor(expected["indices"]))
+
+
+def test_pipeline_save_load_generate_deterministic(workdir, tmp_path):
+    pipe = GenerationPipeline.from_pretrained(workdir / "pipe")
+    a = pipe(4, labels=[0, 1, "2", 3], seed=7, output_type="np", progress=False)
+    b = GenerationPipeline.from_pretrained(workdir / "pipe")(4, labels=[0, 1, 2, 3], seed=7, output_type="np",
+                                                              progress=False)
+    assert a.images.shape == (4, 32, 32, 1) and a.images.dtype == np.uint8
+    assert np.array_equal(a.images, b.images) and torch.equal(a.indices, b.indices)
+    pils = pipe(2, labels=5, seed=1, batch_size=1, progress=False).images
+    assert len(pils) == 2 and pils[0].size == (32, 32)
+    with pytest.raises(ValueError, match="unknown class name 'cat'"):
+        pipe(1, labels=["cat"])
+    with pytest.raises(ValueError, match="labels has 2 entries but num_images=3"):
+        pipe(3, labels=[1, 2])
+
+
+def test_mismatched_tokenizer_and_prior(workdir):
+    tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
+    wrong_codes = TransformerPrior(TransformerPriorConfig.from_preset("tiny", grid_shape=(8, 8), codebook_size=64))
+    with pytest.raises(IncompatibleComponentsError, match="prior models 64 codes but the tokenizer has 32"):
+        GenerationPipeline(tokenizer, wrong_codes)
+    wrong_grid = TransformerPrior(TransformerPriorConfig.from_preset("tiny", grid_shape=(4, 4), codebook_size=32))
+    with pytest.raises(IncompatibleComponentsError, match=r"grid_shape \(4, 4\) does not match the tokenizer's \(8, 8\)"):
+        GenerationPipeline(tokenizer, wrong_grid)
+
+
+def test_generate_and_reconstruct_commands(workdir, tmp_path, capsys):
+    main(["generate", "--pipeline", str(workdir / "pipe"), "--output_dir", str(tmp_path / "gen"),
+          "--num_images", "3", "--labels", "all"])
+    assert sorted(p.name for p in (tmp_path / "gen").glob("*.png")) == ["00000.png", "00001.png", "00002.png",
+                                                                         "grid.png"]
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 45), dtype=np.uint8)).save(photo)
+    main(["reconstruct", str(photo), "--tokenizer", str(workdir / "tok" / "tokenizer"),
+          "--output_dir", str(tmp_path / "rec")])
+    assert Image.open(tmp_path / "rec" / "photo.png").size == (44, 36)
+    assert np.load(tmp_path / "rec" / "photo.indices.npy").shape == (9, 11)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        main(["reconstruct", str(broken), "--tokenizer", str(workdir / "tok" / "tokenizer"),
+              "--output_dir", str(tmp_path / "rec")])
+
+
+def test_evaluate_tokenizer_command(workdir, tmp_path, capsys):
+    main(["evaluate-tokenizer", "--tokenizer", str(workdir / "tok" / "tokenizer"), "--dataset", "digits",
+          "--max_batches", "2", "--batch_size", "16", "--output", str(tmp_path / "m.json")])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["num_images"] == 32 and 0 < metrics["codebook_usage"] <= 1 and metrics["psnr"] > 0
+    assert metrics["lpips"] is None  # no VGG16 trunk on this machine
+
+
+def test_push_pipeline_uploads_both_parts_and_card(workdir):
+    uploaded = {}
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        root = Path(folder_path)
+        uploaded.update({str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file()})
+        uploaded["README"] = (root / "README.md").read_text()
+        return "https://hub.example/commit"
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/digits")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
+        main(["push", str(workdir / "pipe"), "--repo_id", "me/digits"])
+    assert {"pipeline.json", "samples.png", "tokenizer/model.safetensors", "tokenizer/config.json",
+            "prior/model.safetensors", "prior/config.json", "README.md"} <= set(uploaded)
+    assert "![samples](samples.png)" in uploaded["README"] and "transformer prior" in uploaded["README"]
+
+
+@pytest.mark.slow
+def test_two_process_generate_returns_distinct_images(workdir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO / "scripts" / "generate.py"), "--pipeline", str(workdir / "pipe"),
+               "--output_dir", str(tmp_path / "gen"), "--num_images", "6"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    indices = np.load(tmp_path / "gen" / "indices.npy")
+    assert indices.shape == (6, 8, 8)
+    assert len({row.tobytes() for row in indices}) == 6
+
+
+def test_quickstart_fast(tmp_path):
+    main(["quickstart", "--fast", "--output_dir", str(tmp_path / "qs"), "--no_progress", "--samples_per_class", "1"])
+    metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    assert {"psnr", "ssim", "codebook_usage", "perplexity"} <= set(metrics["tokenizer"])
+    assert metrics["prior"]["held_out_bits_per_token"] > 0
+    assert Image.open(tmp_path / "qs" / "samples.png").size[0] > 0
+    assert (tmp_path / "qs" / "reconstructions.png").is_file()
+    pipe = GenerationPipeline.from_pretrained(tmp_path / "qs" / "pipeline")
+    assert pipe.prior.config.num_classes == 10 and pipe.class_names[3] == "3"
