@@ -138,7 +138,7 @@ def train_prior(args: argparse.Namespace) -> Path:
             bar.set_postfix(bits_per_token=f"{loss / math.log(2):.3f}")
             accelerator.log({"train/bits_per_token": loss / math.log(2), "lr": scheduler.get_last_lr()[0]}, step=step)
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            save_training_checkpoint(accelerator, args, step, guard, extra_state)
+            save_training_checkpoint(accelerator, args, step, guard, extra_state, model)
         if step % args.validation_steps == 0 or step == args.max_train_steps:
             metrics = _validate(accelerator, model, val_loader, tokenizer, metadata, args, step)
     bar.close()

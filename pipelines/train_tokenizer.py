@@ -170,7 +170,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
         accelerator.log(logs, step=step)
         # Checkpoint before validating, so that the saved RNG state is the one training continues from.
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            save_training_checkpoint(accelerator, args, step, guard, extra_state)
+            save_training_checkpoint(accelerator, args, step, guard, extra_state, model)
         if step % args.validation_steps == 0 or step == args.max_train_steps:
             last_metrics = _validate(accelerator, model, val_loader, args, step, loss_fn.perceptual)
     bar.close()

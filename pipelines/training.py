@@ -201,9 +201,13 @@ class NonFiniteGuard:
 
 
 def save_training_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int, guard: NonFiniteGuard,
-                             extra_state: dict[str, Any]) -> Path:
+                             extra_state: dict[str, Any], model: nn.Module) -> Path:
     """`accelerator.save_state` plus our step counter and `extra_state` objects (EMA, loss modules), each as
-    `<name>.safetensors`, all inside one atomic checkpoint folder."""
+    `<name>.safetensors`, all inside one atomic checkpoint folder. Non-finite weights are never saved."""
+    for name, tensor in unwrap_float32(accelerator, model).state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"weight {name} contains NaN/Inf at step {step}: refusing to overwrite good "
+                                     "checkpoints with it; resume from the last checkpoint with a lower learning rate")
 
     def extra(folder: Path) -> None:
         state = {"global_step": step, "skipped_nonfinite_steps": guard.skipped}
