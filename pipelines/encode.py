@@ -27,6 +27,17 @@ logger = logging.getLogger(__name__)
 METADATA_NAME = "tokens.json"
 
 
+def _save(dataset: datasets.Dataset, path: Path) -> None:
+    """`save_to_disk` without its per-call progress bar (the encoding bar already shows progress)."""
+    enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        dataset.save_to_disk(str(path))
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
 def _encode_batch(batch: dict, tokenizer: VQTokenizer, processor: VQImageProcessor, device) -> dict:
     pixels = processor.preprocess(batch["image"]).to(device)  # (B, C, H, W)
     with torch.no_grad():
@@ -64,7 +75,7 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
                             desc=f"encoding shard {index + 1}/{num_shards}", load_from_cache_file=False)
         temporary = shard_root / f"shard-{index:05d}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
-        encoded.save_to_disk(str(temporary))
+        _save(encoded, temporary)
         temporary.rename(final)
     state.wait_for_everyone()
     if state.is_main_process:
@@ -72,11 +83,68 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
         merged = datasets.concatenate_datasets(shards)
         temporary = output_dir.with_name(output_dir.name + ".tmp")
         shutil.rmtree(temporary, ignore_errors=True)
-        merged.save_to_disk(str(temporary))
+        _save(merged, temporary)
         shutil.rmtree(output_dir, ignore_errors=True)
         temporary.rename(output_dir)
         shutil.rmtree(shard_root)
     state.wait_for_everyone()
+    return datasets.load_from_disk(str(output_dir))
+
+
+def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, output_dir: str | Path, *,
+                  resolution: int, batch_size: int = 64, shard_size: int = 10_000,
+                  image_column: str = "image", label_column: str | None = "label") -> datasets.Dataset:
+    """Encode an `IterableDataset` (e.g. `load_dataset(..., streaming=True)`) of any size in bounded memory.
+
+    Examples are read, encoded and written shard by shard (Arrow files on disk); the merged result is
+    memory-mapped, never loaded. A rerun skips the shards already written and resumes the stream after them.
+    """
+    output_dir = Path(output_dir)
+    shard_root = output_dir.with_name(output_dir.name + ".shards")
+    shard_root.mkdir(parents=True, exist_ok=True)
+    processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution)
+    grid = tokenizer.token_grid_shape(resolution, resolution)
+    done = len(list(shard_root.glob("shard-[0-9]*[0-9]")))
+    tokenizer = tokenizer.eval()
+    rows: dict[str, list] = {"indices": [], "label": []}
+
+    def flush(index: int) -> None:
+        columns = {"indices": rows["indices"]} | ({"label": rows["label"]} if rows["label"] else {})
+        features = datasets.Features({"indices": datasets.Array2D(shape=grid, dtype="int32")})
+        if rows["label"]:
+            features["label"] = datasets.Value("int64")
+        temporary = shard_root / f"shard-{index:05d}.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        _save(datasets.Dataset.from_dict(columns, features=features), temporary)
+        temporary.rename(shard_root / f"shard-{index:05d}")
+        rows["indices"], rows["label"] = [], []
+
+    index = done
+    for batch in stream.skip(done * shard_size).iter(batch_size=batch_size):
+        if image_column not in batch:
+            raise ValueError(f"the stream has no {image_column!r} column; its columns are {sorted(batch)}")
+        encoded = _encode_batch({"image": batch[image_column]}, tokenizer, processor, next(tokenizer.parameters()).device)
+        rows["indices"].extend(encoded["indices"])
+        if label_column and label_column in batch:
+            rows["label"].extend(int(v) for v in batch[label_column])
+        while len(rows["indices"]) >= shard_size:
+            head = {k: v[shard_size:] for k, v in rows.items()}
+            rows.update({k: v[:shard_size] for k, v in rows.items()})
+            flush(index)
+            rows.update(head)
+            index += 1
+    if rows["indices"]:
+        flush(index)
+        index += 1
+    shards = [datasets.load_from_disk(str(shard_root / f"shard-{i:05d}")) for i in range(index)]
+    if not shards:
+        raise ValueError("the stream yielded no examples")
+    temporary = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    _save(datasets.concatenate_datasets(shards), temporary)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    temporary.rename(output_dir)
+    shutil.rmtree(shard_root)
     return datasets.load_from_disk(str(output_dir))
 
 
@@ -139,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--shard_size", type=int, default=10_000, help="images per resumable shard")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--streaming", action="store_true",
+                        help="read --dataset_name / --train_data_dir as a stream: bounded memory for any dataset size")
     add_data_args(parser)
     return parser
 
@@ -149,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer)
+    if args.streaming:
+        _encode_streaming(args, tokenizer)
+        return
     state = PartialState()
     with state.main_process_first():
         images = load_image_dataset(
@@ -160,3 +233,26 @@ def main(argv: list[str] | None = None) -> None:
                                  batch_size=args.batch_size, shard_size=args.shard_size,
                                  tokenizer_source=args.tokenizer)
     state.print(json.dumps(metadata, indent=2))
+
+
+def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
+    """`vqstack encode --streaming`: one split, streamed from the Hub or a local image folder."""
+    if args.dataset is not None:
+        raise ValueError("--streaming reads --dataset_name or --train_data_dir; embedded datasets are small")
+    if args.dataset_name:
+        stream = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train", streaming=True)
+    elif args.train_data_dir:
+        stream = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train", streaming=True)
+    else:
+        raise ValueError("--streaming needs --dataset_name or --train_data_dir")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    encoded = encode_stream(tokenizer, stream, output_dir / "train", resolution=args.resolution,
+                            batch_size=args.batch_size, shard_size=args.shard_size,
+                            image_column=args.image_column or "image", label_column=args.label_column or "label")
+    metadata = {"grid_shape": list(tokenizer.token_grid_shape(args.resolution, args.resolution)),
+                "codebook_size": tokenizer.codebook_size, "resolution": args.resolution,
+                "num_classes": 1 + max(encoded["label"]) if "label" in encoded.column_names else 0,
+                "class_names": None, "tokenizer": args.tokenizer, "splits": {"train": len(encoded)}}
+    (output_dir / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+    print(json.dumps(metadata, indent=2))

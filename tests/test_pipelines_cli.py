@@ -190,3 +190,29 @@ def test_quickstart_fast(tmp_path):
     assert (tmp_path / "qs" / "reconstructions.png").is_file()
     pipe = GenerationPipeline.from_pretrained(tmp_path / "qs" / "pipeline")
     assert pipe.prior.config.num_classes == 10 and pipe.class_names[3] == "3"
+
+
+def test_streaming_encode_of_image_folder_resumes(workdir, tmp_path):
+    from tests.test_train_tokenizer import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", count=30, size=32)
+    flags = ["encode", "--streaming", "--tokenizer", str(workdir / "tok" / "tokenizer"), "--train_data_dir",
+             str(folder), "--output_dir", str(tmp_path / "tokens"), "--shard_size", "8", "--batch_size", "4"]
+    import datasets
+
+    real_save = datasets.Dataset.save_to_disk
+    calls = []
+
+    def crash_on_third(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the run is stopped after two shards
+        return real_save(self, path, *args, **kwargs)
+
+    with mock.patch.object(datasets.Dataset, "save_to_disk", crash_on_third), pytest.raises(KeyboardInterrupt):
+        main(flags)
+    assert len(list((tmp_path / "tokens").glob("train.shards/shard-0000[0-9]"))) == 2
+    main(flags)
+    tokens, metadata = load_token_dataset(tmp_path / "tokens")
+    assert len(tokens["train"]) == 30 and metadata["num_classes"] == 2
+    assert tokens["train"][0]["indices"].shape == (8, 8)
