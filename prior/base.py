@@ -1,0 +1,387 @@
+"""The `Prior` interface: training loss, exact log-likelihood, sampling with shared filters and guidance, and
+strict save/load through `huggingface_hub.ModelHubMixin`.
+
+A concrete prior implements two things:
+- `_logits(inputs, class_ids)`: teacher-forced logits (B, h, w, K) for a whole grid;
+- `_logit_stream(class_ids, use_cache)`: a generator that yields the logits (N, K) of the next raster position
+  and receives the chosen tokens (N,) through `send`, so that the sampling loop, logit filters and
+  classifier-free guidance live here once for every prior.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .configuration import PriorConfig, config_from_dict
+from .sampling import _filter_logits, check_filter_args, guide_logits, sample_from_logits
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+# prior_type -> Prior subclass; filled in as subclasses are defined (see `Prior.__init_subclass__`).
+PRIOR_TYPES: dict[str, type[Prior]] = {}
+
+LabelsLike = Tensor | Sequence[int] | None
+
+
+@dataclass
+class PriorOutput:
+    """Output of `Prior.forward`."""
+
+    loss: Tensor  # scalar: mean negative log-likelihood in nats per token
+    logits: Tensor  # (B, h, w, K): logits of p(token | previous tokens, label)
+
+
+class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "prior", "image-generation"]):
+    """Autoregressive prior over integer grids `indices [B, h, w]` with values in `[0, K)`.
+
+    Tokens are visited in raster order. With `num_classes > 0` the prior is class-conditional and reserves class
+    id `num_classes` as the null label used for label dropout and classifier-free guidance.
+    """
+
+    prior_type: ClassVar[str] = ""
+    config_class: ClassVar[type[PriorConfig]] = PriorConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.prior_type:
+            PRIOR_TYPES[cls.prior_type] = cls
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"config must be a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+        # Shown in the model card when set, e.g. {"val_bits_per_token": 6.1}; not part of the weights.
+        self.training_metrics: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------------------------------------
+    # To implement in subclasses
+    def _logits(self, inputs: Tensor, class_ids: Tensor | None) -> Tensor:
+        """Teacher-forced logits (B, h, w, K) of every position given the earlier ones."""
+        raise NotImplementedError
+
+    def _logit_stream(
+        self, class_ids: Tensor | None, batch_size: int, use_cache: bool
+    ) -> Generator[Tensor, Tensor, None]:
+        """Yield next-position logits (N, K) in raster order; receive the chosen tokens (N,) via `send`."""
+        raise NotImplementedError
+
+    def _corrupt_inputs(self, indices: Tensor) -> Tensor:
+        """Training-time input augmentation (targets stay unchanged); identity unless a prior overrides it."""
+        return indices
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Public API
+    def forward(self, indices: Tensor, labels: LabelsLike = None) -> PriorOutput:
+        """Teacher-forced loss (nats/token) and logits (B, h, w, K).
+
+        In training mode labels are replaced by the null class with probability `config.label_dropout`
+        (torch's global RNG), which trains the unconditional branch used by classifier-free guidance.
+        """
+        indices = self._check_indices(indices)
+        class_ids = self._class_ids(labels, indices.shape[0], indices.device)
+        inputs = indices
+        if self.training:
+            class_ids = self._drop_labels(class_ids)
+            inputs = self._corrupt_inputs(indices)
+        logits = self._logits(inputs, class_ids)  # (B, h, w, K)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), indices.reshape(-1))
+        return PriorOutput(loss=loss, logits=logits)
+
+    def log_prob(self, indices: Tensor, labels: LabelsLike = None) -> Tensor:
+        """Exact log p(indices | label) in nats, summed over the grid: float32 tensor (B,).
+
+        No label dropout or input corruption is applied; call `eval()` first if the network has dropout.
+        """
+        indices = self._check_indices(indices)
+        class_ids = self._class_ids(labels, indices.shape[0], indices.device)
+        log_probs = self._logits(indices, class_ids).float().log_softmax(dim=-1)  # (B, h, w, K)
+        token_log_probs = log_probs.gather(-1, indices.unsqueeze(-1)).squeeze(-1)  # (B, h, w)
+        return token_log_probs.flatten(1).sum(dim=1)
+
+    def bits_per_token(self, indices: Tensor, labels: LabelsLike = None) -> Tensor:
+        """Scalar -mean log2 p(token | previous, label) over all tokens of the batch."""
+        log_prob = self.log_prob(indices, labels)  # (B,)
+        return -log_prob.mean() / (self.config.num_tokens * math.log(2.0))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        batch_size: int,
+        labels: LabelsLike = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Sample grids, LongTensor (batch_size, h, w), in raster order.
+
+        Logits are filtered temperature -> top-k -> top-p (`filter_logits`). With `guidance_scale != 1` a
+        conditional prior runs one doubled batch (rows with the labels, rows with the null class) that shares
+        each sampled token, and samples from `uncond + scale * (cond - uncond)` on log-probs (Ho & Salimans
+        2022). `use_cache=False` recomputes every position from scratch (reference path for tests/benchmarks).
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool):
+            raise TypeError(f"batch_size must be an int, got {batch_size!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_filter_args(temperature, top_k, top_p)
+        device = self._device()
+        class_ids = self._class_ids(labels, batch_size, device)
+        guided = self._check_guidance(guidance_scale, labels)
+        if guided:
+            null_ids = torch.full_like(class_ids, self.config.null_class_id)
+            class_ids = torch.cat([class_ids, null_ids])  # (2B,): conditional rows, then null-class rows
+        stream = self._logit_stream(class_ids, batch_size * (2 if guided else 1), use_cache)
+        tokens = torch.empty(batch_size, self.config.num_tokens, dtype=torch.long, device=device)
+        logits = next(stream)  # (N, K)
+        for position in range(self.config.num_tokens):
+            if guided:
+                logits = guide_logits(logits[:batch_size], logits[batch_size:], guidance_scale)
+            token = sample_from_logits(_filter_logits(logits, temperature, top_k, top_p), generator)  # (B,)
+            tokens[:, position] = token
+            if position + 1 < self.config.num_tokens:
+                logits = stream.send(token.repeat(2) if guided else token)
+        stream.close()
+        return tokens.view(batch_size, *self.config.grid_shape)
+
+    def num_parameters(self) -> int:
+        """Number of parameters (buffers such as masks excluded)."""
+        return sum(parameter.numel() for parameter in self.parameters())
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Input validation
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check_indices(self, indices: Any) -> Tensor:
+        if not isinstance(indices, Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise TypeError(f"indices must have an integer dtype (torch.long), got {indices.dtype}")
+        if indices.ndim != 3:
+            raise ValueError(f"indices must have shape (B, h, w), got rank {indices.ndim} shape {tuple(indices.shape)}")
+        if tuple(indices.shape[1:]) != self.config.grid_shape:
+            raise ValueError(
+                f"indices must have grid shape {self.config.grid_shape}, got {tuple(indices.shape[1:])}"
+            )
+        if indices.shape[0] == 0:
+            raise ValueError("indices must hold at least one grid, got an empty batch (B=0)")
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= self.config.codebook_size:
+            raise ValueError(
+                f"indices must lie in [0, {self.config.codebook_size}), got values in [{low}, {high}]"
+            )
+        return indices.long()
+
+    def _class_ids(self, labels: LabelsLike, batch_size: int, device: torch.device) -> Tensor | None:
+        """Validated class ids (B,) on `device`; the null class for a conditional prior given no labels."""
+        num_classes = self.config.num_classes
+        if labels is None:
+            if num_classes == 0:
+                return None
+            return torch.full((batch_size,), self.config.null_class_id, dtype=torch.long, device=device)
+        if num_classes == 0:
+            raise ValueError(f"labels must be None for an unconditional prior (num_classes=0), got {labels!r}")
+        if isinstance(labels, Tensor):
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise TypeError(f"labels must have an integer dtype (torch.long), got {labels.dtype}")
+            if labels.ndim != 1:
+                raise ValueError(f"labels must have shape (B,), got shape {tuple(labels.shape)}")
+        elif isinstance(labels, Sequence) and not isinstance(labels, str):
+            if not all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
+                raise TypeError(f"labels must be a list of ints, got {list(labels)!r}")
+            labels = torch.tensor(list(labels), dtype=torch.long)
+        else:
+            raise TypeError(f"labels must be a LongTensor (B,), a list of ints or None, got {type(labels).__name__}")
+        if labels.shape[0] != batch_size:
+            raise ValueError(f"labels must have length batch_size={batch_size}, got {labels.shape[0]}")
+        if batch_size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.tolist()}")
+        return labels.to(device=device, dtype=torch.long)
+
+    def _check_guidance(self, guidance_scale: float, labels: LabelsLike) -> bool:
+        """Validate `guidance_scale`; True when the doubled guidance batch is needed."""
+        if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
+            raise TypeError(f"guidance_scale must be a float, got {guidance_scale!r}")
+        if not guidance_scale >= 0.0 or guidance_scale == float("inf"):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        if guidance_scale == 1.0:
+            return False  # plain conditional sampling, exactly: no doubled batch
+        if self.config.num_classes == 0 or labels is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a class-conditional prior and labels; got "
+                f"num_classes={self.config.num_classes}, labels={labels!r} (use guidance_scale=1.0)"
+            )
+        return True
+
+    def _drop_labels(self, class_ids: Tensor | None) -> Tensor | None:
+        if class_ids is None or self.config.label_dropout == 0.0:
+            return class_ids
+        drop = torch.rand(class_ids.shape, device=class_ids.device) < self.config.label_dropout  # (B,)
+        return class_ids.masked_fill(drop, self.config.null_class_id)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Save / load / Hub
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Write `config.json` (with prior_type and config_version) and `model.safetensors`, each atomically."""
+        config_text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
+        _atomic_write(save_directory / CONFIG_NAME, lambda path: Path(path).write_text(config_text))
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        metadata = {"format": "pt", "prior_type": self.prior_type}
+        _atomic_write(save_directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata=metadata))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> Prior:
+        """Load a prior saved by `save_pretrained` from a folder or a Hub repo id, strictly.
+
+        Called on `Prior` itself it builds whatever `prior_type` the config names (like `load_prior`).
+        ModelHubMixin's own `from_pretrained` is bypassed on purpose: it decodes config.json by dropping unknown
+        keys, whereas a prior's config is checked strictly in `_from_pretrained`.
+        """
+        return cls._from_pretrained(
+            model_id=str(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            map_location=map_location,
+        )
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str | torch.device = "cpu",
+        **unused: Any,
+    ) -> Prior:
+        def resolve(filename: str) -> str:
+            if os.path.isdir(model_id):
+                path = os.path.join(model_id, filename)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{filename} not found in {model_id!r}: not a saved vqstack prior")
+                return path
+            return hf_hub_download(
+                repo_id=model_id, filename=filename, revision=revision, cache_dir=cache_dir,
+                force_download=force_download, token=token, local_files_only=local_files_only,
+            )
+
+        config_path = resolve(CONFIG_NAME)
+        try:
+            with open(config_path, encoding="utf-8") as file:
+                config_data = json.load(file)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+        config = config_from_dict(config_data, source=config_path)
+        model_class = PRIOR_TYPES[config.prior_type] if cls.prior_type == "" else cls
+        if config.prior_type != model_class.prior_type:
+            raise ValueError(
+                f"{config_path} holds prior_type {config.prior_type!r}, expected {model_class.prior_type!r} "
+                f"for {model_class.__name__} (use prior.load_prior to load any prior)"
+            )
+        model = model_class(config)
+        model.load_state_dict_strict(resolve(WEIGHTS_NAME))
+        return model.to(map_location).eval()
+
+    def load_state_dict_strict(self, weights_path: str | Path) -> None:
+        """Load `model.safetensors`; every tensor must exist, be expected, and match in shape."""
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from error
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mis_shaped = [
+            f"{name}: file {tuple(state[name].shape)} vs model {tuple(tensor.shape)}"
+            for name, tensor in expected.items()
+            if name in state and state[name].shape != tensor.shape
+        ]
+        if missing or unexpected or mis_shaped:
+            raise ValueError(
+                f"{weights_path} does not match {type(self).__name__}({self.config}): "
+                f"missing {missing}, unexpected {unexpected}, mis-shaped {mis_shaped}"
+            )
+        self.load_state_dict(state, strict=True)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """Model card listing prior type, grid shape, K, classes, parameters and training metrics if set."""
+        card_data = ModelCardData(**self._hub_mixin_info.model_card_data.to_dict())
+        config = self.config
+        lines = [
+            f"# vqstack {type(self).__name__}",
+            "",
+            "An autoregressive prior over integer index grids, saved with vqstack. Load it with "
+            "`prior.load_prior(repo_id)` and draw grids with `.sample(batch_size)`; decode them with the "
+            "matching vqstack tokenizer.",
+            "",
+            "| property | value |",
+            "|---|---|",
+            f"| prior type | `{self.prior_type}` |",
+            f"| grid shape (h, w) | {config.grid_shape[0]} x {config.grid_shape[1]} |",
+            f"| codebook size K | {config.codebook_size} |",
+            f"| classes | {config.num_classes or 'unconditional'} |",
+            f"| label dropout | {config.label_dropout if config.num_classes else '-'} |",
+            f"| parameters | {self.num_parameters():,} |",
+        ]
+        if self.training_metrics:
+            lines += ["", "## Training metrics", "", "| metric | value |", "|---|---|"]
+            lines += [f"| {name} | {value:.6g} |" for name, value in sorted(self.training_metrics.items())]
+        lines += ["", "## Config", "", "```json", json.dumps(config.to_dict(), indent=2, sort_keys=True), "```"]
+        return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through `write(tmp_path)` then rename, so an interrupted save never leaves a half file."""
+    handle, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def load_prior(
+    pretrained_model_name_or_path: str | Path, map_location: str | torch.device = "cpu", **hub_kwargs: Any
+) -> Prior:
+    """Load any saved prior, dispatching on the `prior_type` recorded in its config.json."""
+    return Prior.from_pretrained(pretrained_model_name_or_path, map_location=map_location, **hub_kwargs)
+

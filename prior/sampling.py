@@ -1,0 +1,87 @@
+"""Sampling utilities shared by every prior: one logit filter, one categorical sampler, one guidance rule.
+
+All arithmetic here runs in float32, whatever dtype the network produced, so that filtering thresholds and
+guidance differences do not depend on autocast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def check_filter_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Validate the arguments of `filter_logits` (done once per `sample` call, not once per token)."""
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a float, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if top_k is not None:
+        if not isinstance(top_k, int) or isinstance(top_k, bool):
+            raise TypeError(f"top_k must be an int or None, got {top_k!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None:
+        if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
+            raise TypeError(f"top_p must be a float or None, got {top_p!r}")
+        if not (0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p}")
+
+
+def filter_logits(
+    logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> Tensor:
+    """Apply temperature, then top-k, then top-p (nucleus) filtering to `logits` of shape (..., K).
+
+    Removed entries are set to -inf; the result is float32. `top_k` larger than K keeps everything. Top-p keeps
+    the smallest set of most probable tokens whose probability (after top-k) reaches `top_p`, and always keeps
+    the most probable token (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration").
+    """
+    check_filter_args(temperature, top_k, top_p)
+    return _filter_logits(logits, temperature, top_k, top_p)
+
+
+def _filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
+    """`filter_logits` without argument checks, for the per-token sampling loops."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth_largest, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first is never dropped.
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -math.inf)
+    return logits
+
+
+def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Draw one token per row of `logits` (N, K) from softmax(logits); returns LongTensor (N,).
+
+    Inverse-CDF sampling: one uniform number per row, located in the cumulative distribution. Unlike
+    `torch.multinomial`, which draws K exponential variates per row, its cost is one random number per row,
+    which matters when sampling one token at a time. A token of probability 0 is never returned: its CDF
+    entry equals the previous one, so it is never the first entry above u * total (searchsorted, right=True).
+    """
+    probs = logits.float().softmax(dim=-1)  # (N, K)
+    cdf = probs.cumsum(dim=-1)  # (N, K)
+    uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)  # (N, 1) in [0, 1)
+    tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # (N, 1)
+    return tokens.squeeze(-1)
+
+
+def guide_logits(cond_logits: Tensor, uncond_logits: Tensor, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022) on log-probabilities, in float32.
+
+    `uncond + scale * (cond - uncond)`: scale 1 is the conditional distribution, 0 the unconditional one, > 1
+    sharpens towards the class. Log-softmax first so that the per-row normalizers of the two branches cancel.
+    """
+    cond = cond_logits.float().log_softmax(dim=-1)
+    uncond = uncond_logits.float().log_softmax(dim=-1)
+    return uncond + guidance_scale * (cond - uncond)

@@ -1,0 +1,234 @@
+"""Shared sampling machinery of the priors: logit filter, categorical sampler, guidance, the `sample` loop,
+exact log-likelihoods and input validation (run on both prior types)."""
+
+import math
+
+import pytest
+import torch
+
+from prior import (
+    PixelCNNConfig,
+    PixelCNNPrior,
+    TransformerPrior,
+    TransformerPriorConfig,
+    filter_logits,
+    guide_logits,
+    sample_from_logits,
+)
+
+PRIORS = {
+    "pixelcnn": lambda **kw: PixelCNNPrior(PixelCNNConfig.from_preset("tiny", **kw)).eval(),
+    "transformer": lambda **kw: TransformerPrior(TransformerPriorConfig.from_preset("tiny", **kw)).eval(),
+}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models are dispatch-bound: extra intra-op threads only add synchronisation on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=sorted(PRIORS))
+def make_prior(request):
+    return PRIORS[request.param]
+
+
+# ------------------------------------------------------------------------------------------------ filter_logits
+def test_filter_temperature_divides_and_returns_float32():
+    logits = torch.tensor([[2.0, 1.0, -1.0]], dtype=torch.bfloat16)
+    filtered = filter_logits(logits, temperature=0.5)
+    assert filtered.dtype == torch.float32
+    torch.testing.assert_close(filtered, logits.float() / 0.5)
+
+
+def test_filter_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[0.1, 3.0, -2.0, 2.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    filtered = filter_logits(logits, top_k=2)
+    kept = torch.isfinite(filtered)
+    assert kept.tolist() == [[False, True, False, True, False], [True, True, False, False, False]]
+    torch.testing.assert_close(filtered[kept], logits[kept])
+    assert torch.isfinite(filter_logits(logits, top_k=99)).all()  # k > K keeps everything
+
+
+def test_filter_top_p_keeps_smallest_nucleus_and_always_the_best():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.01)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=1.0)).all()
+
+
+def test_filter_order_is_temperature_then_top_k_then_top_p():
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    # Alone, top_p=0.5 needs two tokens (0.4 < 0.5); after top_k=2 renormalises to (0.57, 0.43), one suffices.
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).sum() == 2
+    assert torch.isfinite(filter_logits(logits, top_k=2, top_p=0.5)).sum() == 1
+    # A low temperature sharpens the distribution before top-p: the best token alone then exceeds 0.5.
+    assert torch.isfinite(filter_logits(logits, temperature=0.2, top_p=0.5)).sum() == 1
+    assert torch.isfinite(filter_logits(logits, temperature=5.0, top_p=0.5)).sum() == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"temperature": math.nan}, ValueError, "temperature"),
+        ({"temperature": "hot"}, TypeError, "temperature"),
+        ({"top_k": 0}, ValueError, "top_k"),
+        ({"top_k": 2.5}, TypeError, "top_k"),
+        ({"top_k": True}, TypeError, "top_k"),
+        ({"top_p": 0.0}, ValueError, "top_p"),
+        ({"top_p": 1.5}, ValueError, "top_p"),
+    ],
+)
+def test_filter_rejects_bad_arguments(kwargs, error, fragment):
+    with pytest.raises(error, match=fragment):
+        filter_logits(torch.zeros(1, 4), **kwargs)
+
+
+# ------------------------------------------------------------------------------------- sampler and guidance
+def test_sample_from_logits_follows_softmax_and_never_picks_removed_tokens():
+    logits = torch.tensor([0.7, 0.3, 0.0]).log().expand(20000, 3)  # third token has probability 0
+    tokens = sample_from_logits(logits, torch.Generator().manual_seed(0))
+    assert tokens.shape == (20000,) and tokens.dtype == torch.long
+    assert not (tokens == 2).any()
+    assert abs((tokens == 0).float().mean().item() - 0.7) < 0.02
+    again = sample_from_logits(logits, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)
+
+
+def test_guide_logits_formula():
+    cond, uncond = torch.randn(3, 8), torch.randn(3, 8)
+    cond_lp, uncond_lp = cond.log_softmax(-1), uncond.log_softmax(-1)
+    torch.testing.assert_close(guide_logits(cond, uncond, 1.0), cond_lp)
+    torch.testing.assert_close(guide_logits(cond, uncond, 0.0), uncond_lp)
+    torch.testing.assert_close(guide_logits(cond, uncond, 3.0), uncond_lp + 3.0 * (cond_lp - uncond_lp))
+
+
+# ------------------------------------------------------------------------------------------- Prior.sample
+def reference_sample(prior, labels, guidance_scale, top_k, generator):
+    """Slow reference: full forward passes per position, separate conditional and null-class batches."""
+    batch_size = len(labels)
+    grid = torch.zeros(batch_size, *prior.config.grid_shape, dtype=torch.long)
+    null = [prior.config.null_class_id] * batch_size
+    for position in range(prior.config.num_tokens):
+        row, col = divmod(position, prior.config.grid_shape[1])
+        with torch.no_grad():
+            cond = prior._logits(grid, torch.tensor(labels))[:, row, col]
+            if guidance_scale != 1.0:
+                uncond = prior._logits(grid, torch.tensor(null))[:, row, col]
+                cond = uncond.log_softmax(-1) + guidance_scale * (cond.log_softmax(-1) - uncond.log_softmax(-1))
+        grid[:, row, col] = sample_from_logits(filter_logits(cond, top_k=top_k), generator)
+    return grid
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.5])
+def test_sample_matches_reference_with_and_without_guidance(make_prior, guidance_scale):
+    prior = make_prior(num_classes=3)
+    labels = [0, 2, 1]
+    sampled = prior.sample(3, labels=labels, top_k=8, guidance_scale=guidance_scale,
+                           generator=torch.Generator().manual_seed(7))
+    expected = reference_sample(prior, labels, guidance_scale, 8, torch.Generator().manual_seed(7))
+    assert torch.equal(sampled, expected)
+
+
+def test_guidance_changes_samples(make_prior):
+    prior = make_prior(num_classes=3)
+    plain = prior.sample(4, labels=[0, 1, 2, 0], generator=torch.Generator().manual_seed(1))
+    guided = prior.sample(4, labels=[0, 1, 2, 0], guidance_scale=4.0, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(plain, guided)
+
+
+def test_sample_deterministic_under_seeded_generator(make_prior):
+    prior = make_prior()
+    first = prior.sample(3, temperature=1.3, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    second = prior.sample(3, temperature=1.3, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    other = prior.sample(3, temperature=1.3, top_p=0.9, generator=torch.Generator().manual_seed(4))
+    assert first.shape == (3, 4, 4) and first.dtype == torch.long
+    assert torch.equal(first, second) and not torch.equal(first, other)
+    assert first.min() >= 0 and first.max() < 16
+
+
+def test_top_k_one_is_greedy(make_prior):
+    prior = make_prior()
+    grid = prior.sample(2, top_k=1, generator=torch.Generator().manual_seed(0))
+    logits = prior(grid).logits  # teacher forcing reproduces the logits seen while sampling
+    assert torch.equal(logits.argmax(-1), grid)
+
+
+# ------------------------------------------------------------------------------------ likelihood and loss
+def test_log_prob_is_sum_of_forward_token_log_probs(make_prior):
+    prior = make_prior(num_classes=2)
+    indices, labels = torch.randint(0, 16, (3, 4, 4)), torch.tensor([0, 1, 1])
+    output = prior(indices, labels)
+    token_log_probs = output.logits.log_softmax(-1).gather(-1, indices[..., None]).squeeze(-1)
+    log_prob = prior.log_prob(indices, labels)
+    assert log_prob.shape == (3,) and log_prob.dtype == torch.float32
+    torch.testing.assert_close(log_prob, token_log_probs.sum(dim=(1, 2)))
+    torch.testing.assert_close(output.loss, -token_log_probs.mean())
+    torch.testing.assert_close(prior.bits_per_token(indices, labels), output.loss / math.log(2))
+
+
+def test_label_dropout_only_in_training(make_prior):
+    prior = make_prior(num_classes=2, label_dropout=1.0)
+    indices, labels = torch.randint(0, 16, (2, 4, 4)), [1, 0]
+    null_logits = prior(indices).logits  # a conditional prior without labels uses the null class
+    conditioned = prior(indices, labels).logits
+    assert not torch.allclose(conditioned, null_logits)
+    prior.train()
+    torch.testing.assert_close(prior(indices, labels).logits, null_logits)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    "indices, labels, error, fragment",
+    [
+        (torch.randint(0, 16, (2, 4, 4)).float(), None, TypeError, "dtype"),
+        ([[0]], None, TypeError, "Tensor"),
+        (torch.randint(0, 16, (4, 4)), None, ValueError, "rank 2"),
+        (torch.randint(0, 16, (2, 4, 5)), None, ValueError, r"grid shape \(4, 4\)"),
+        (torch.zeros(0, 4, 4, dtype=torch.long), None, ValueError, "empty"),
+        (torch.full((1, 4, 4), 16), None, ValueError, r"\[0, 16\)"),
+        (torch.full((1, 4, 4), -1), None, ValueError, r"\[0, 16\)"),
+        (torch.zeros(2, 4, 4, dtype=torch.long), [0, 3], ValueError, r"labels must lie in \[0, 3\)"),
+        (torch.zeros(2, 4, 4, dtype=torch.long), [0], ValueError, "length"),
+        (torch.zeros(2, 4, 4, dtype=torch.long), torch.tensor([0.0, 1.0]), TypeError, "labels"),
+        (torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), ValueError, "labels"),
+        (torch.zeros(2, 4, 4, dtype=torch.long), "ab", TypeError, "labels"),
+    ],
+)
+def test_forward_rejects_bad_inputs(make_prior, indices, labels, error, fragment):
+    prior = make_prior(num_classes=3)
+    with pytest.raises(error, match=fragment):
+        prior(indices, labels)
+
+
+def test_labels_for_unconditional_prior_rejected(make_prior):
+    prior = make_prior()
+    with pytest.raises(ValueError, match="unconditional"):
+        prior(torch.zeros(1, 4, 4, dtype=torch.long), [0])
+    with pytest.raises(ValueError, match="unconditional"):
+        prior.sample(1, labels=[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"batch_size": 2.0}, TypeError, "batch_size"),
+        ({"batch_size": 2, "temperature": 0.0}, ValueError, "temperature"),
+        ({"batch_size": 2, "labels": [0, 1], "guidance_scale": -1.0}, ValueError, "guidance_scale"),
+        ({"batch_size": 2, "guidance_scale": 2.0}, ValueError, "guidance_scale=2.0 needs"),
+        ({"batch_size": 2, "labels": [0, 1, 2]}, ValueError, "length"),
+    ],
+)
+def test_sample_rejects_bad_arguments(make_prior, kwargs, error, fragment):
+    prior = make_prior(num_classes=3)
+    with pytest.raises(error, match=fragment):
+        prior.sample(**kwargs)
