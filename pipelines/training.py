@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -83,6 +84,10 @@ def check_common_args(args: argparse.Namespace) -> None:
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
     """An Accelerator for this run: devices, processes, precision, accumulation, trackers, seedable data order."""
     log_with = None if args.report_to == "none" else args.report_to
+    # Jobs may run one after another in one process (quickstart, tests) with different precisions; the process
+    # group (PartialState) is kept, only the per-job accelerator settings are reset.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(
         cpu=_cpu_only_multiprocess(),
         mixed_precision=args.mixed_precision,

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ from .sampling import _filter_logits, check_filter_args, guide_logits, sample_fr
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TRAINING_METRICS_NAME = "training_metrics.json"
 
 # prior_type -> Prior subclass; filled in as subclasses are defined (see `Prior.__init_subclass__`).
 PRIOR_TYPES: dict[str, type[Prior]] = {}
@@ -249,6 +251,9 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         metadata = {"format": "pt", "prior_type": self.prior_type}
         _atomic_write(save_directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata=metadata))
+        if self.training_metrics:
+            metrics_text = json.dumps(self.training_metrics, indent=2, sort_keys=True)
+            _atomic_write(save_directory / TRAINING_METRICS_NAME, lambda path: Path(path).write_text(metrics_text))
 
     @classmethod
     def from_pretrained(
@@ -317,6 +322,7 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
             )
         model = model_class(config)
         model.load_state_dict_strict(resolve(WEIGHTS_NAME))
+        model.training_metrics = _read_training_metrics(model_id, resolve)
         return model.to(map_location).eval()
 
     def load_state_dict_strict(self, weights_path: str | Path) -> None:
@@ -377,6 +383,21 @@ def _atomic_write(path: Path, write: Any) -> None:
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def _read_training_metrics(model_id: str, resolve) -> dict[str, float]:
+    """The optional training_metrics.json (numbers only); absent in priors that were never trained by vqstack."""
+    try:
+        path = resolve(TRAINING_METRICS_NAME)
+    except (FileNotFoundError, EntryNotFoundError):
+        return {}
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+        raise ValueError(f"{path} must map metric names to numbers")
+    return {str(k): float(v) for k, v in metrics.items()}
 
 
 def load_prior(

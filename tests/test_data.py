@@ -370,9 +370,14 @@ def test_train_transform_crops_and_flips_randomly_validation_is_deterministic(cl
     set_image_transforms(eval_view, resolution=16, channels=3)
     set_image_transforms(data, resolution=16, channels=3)
     reference = eval_view["validation"][0]["pixel_values"]  # (3, 16, 16): resize 20x24 -> 16x19, center crop
-    draws = [data["train"][0]["pixel_values"] for _ in range(24)]
+    draws = []
+    for epoch in range(24):  # a new crop and flip for each epoch ...
+        data["train"].augmentation.set_epoch(epoch)
+        draws.append(data["train"][0]["pixel_values"])
     assert all(d.shape == (3, 16, 16) for d in draws)
     assert len({d.numpy().tobytes() for d in draws}) > 2  # random crop offsets and flips
+    # ... but the same one for the same (seed, epoch, example), whenever it is fetched: exact resume.
+    assert torch.equal(data["train"][0]["pixel_values"], draws[-1])
     assert any(torch.equal(d, reference.flip(-1)) or torch.equal(d, reference) for d in draws)
     assert torch.equal(data["validation"][0]["pixel_values"], data["validation"][0]["pixel_values"])
 

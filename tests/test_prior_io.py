@@ -176,7 +176,7 @@ def test_push_to_hub_uploads_weights_config_and_card(prior, monkeypatch):
 
     (upload,) = uploads
     assert upload["repo_id"] == "someone/tiny-prior"
-    assert upload["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert upload["files"] == ["README.md", "config.json", "model.safetensors", "training_metrics.json"]
     assert upload["config"]["prior_type"] == prior.prior_type
     card = upload["card"]
     assert card.startswith("---\n") and "library_name: vqstack" in card

@@ -171,6 +171,9 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
 
         Only JSON and safetensors files are read; weights are loaded strictly.
         """
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "force_download", "local_files_only", "token")
+                      if k in kwargs}
+        resolve_file(str(pretrained_model_name_or_path), CONFIG_NAME, **hub_kwargs)  # clear error if unreachable
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except json.JSONDecodeError as error:

@@ -37,10 +37,6 @@ def resolve_file(model_id: str, filename: str, *, required: bool = True, **hub_k
                                 "like 'user/name'")
     try:
         return Path(hf_hub_download(repo_id=model_id, filename=filename, **hub_kwargs))
-    except EntryNotFoundError:
-        if required:
-            raise FileNotFoundError(f"{filename} not found in Hub repo {model_id!r}") from None
-        return None
     except LocalEntryNotFoundError as error:
         if not required:
             return None
@@ -49,6 +45,10 @@ def resolve_file(model_id: str, filename: str, *, required: bool = True, **hub_k
             f"{error}. Download the repo elsewhere (e.g. `hf download {model_id} --local-dir DIR`), copy the folder "
             "here and pass its path instead."
         ) from error
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(f"{filename} not found in Hub repo {model_id!r}") from None
+        return None
 
 
 def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> None:

@@ -52,8 +52,8 @@ def to_tokens(z: Tensor) -> Tensor:
 
 
 def from_tokens(tokens: Tensor, batch: int, height: int, width: int) -> Tensor:
-    """(B*h*w, D) -> (B, D, h, w)."""
-    return tokens.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
+    """(B*h*w, D) -> (B, D, h, w), a channels-last view: no copy here nor in its backward."""
+    return tokens.reshape(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
 
 
 class Quantizer(nn.Module):

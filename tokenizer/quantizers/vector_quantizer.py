@@ -56,7 +56,9 @@ class VectorQuantizer(Quantizer):
 
     def codebook_vectors(self) -> Tensor:
         """(K, d) codes as used for lookup: unit-norm when `normalize_codes`."""
-        codebook = self.codebook.float()
+        # A differentiable copy: EMA updates and restarts later overwrite the stored codebook in place,
+        # and autograd must still see the values this forward pass used.
+        codebook = self.codebook.float().clone()  # (K, d)
         return F.normalize(codebook, dim=1) if self.config.normalize_codes else codebook
 
     def forward(self, z: Tensor) -> QuantizerOutput:
