@@ -1,0 +1,402 @@
+"""Benchmark: training a vqstack tokenizer against its peers at a fixed budget, on this CPU.
+
+Every system trains in the same run, on the same batches (same data, same order), for the same number of Adam
+steps at the same learning rate, with the same loss (L1 reconstruction + the system's own VQ loss):
+
+- vqstack: `VQTokenizer` with the "small-f4" preset and its default quantizer (EMA, k-means init, 32-d cosine
+  lookup, dead-code restarts), trained under bf16 autocast with channels_last tensors. The quantizer keeps its
+  arithmetic in float32 inside autocast by design.
+- diffusers `VQModel` with the same depth and widths (vanilla VQ), in float32 as a user would run it, and under
+  bf16 autocast + channels_last as an extra row.
+- the vqstack autoencoder with vector-quantize-pytorch's `VectorQuantize` (EMA, k-means init, cosine lookup,
+  dead-code threshold 2) as its quantizer, in float32, and under bf16 autocast + channels_last as an extra row.
+- `--proposal`: the vqstack row again with a proposed change to the tokenizer applied on a local copy of the
+  model (see `apply_zero_init_residuals`), to measure the change before it lands in `tokenizer/`.
+
+The systems take their steps in turn (step 1 of every system, then step 2, ...), so that the load of other
+processes on a shared machine falls on all of them alike. Train images/s comes from the median step time after
+the warm-up steps (which hold the k-means initialization and the allocator's growth); the median resists bursts
+of other processes. Reconstruction metrics (PSNR, SSIM) and codebook metrics (usage: fraction of the codes used
+over the whole held-out set; perplexity of that histogram) are measured in float32 eval mode on held-out patches
+cut from photos that no training patch comes from.
+
+    python scripts/benchmarks/bench_tokenizer_training.py              # full run: 400 steps, batch 32
+    python scripts/benchmarks/bench_tokenizer_training.py --quick      # smoke run: 4 steps of batch 8, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+
+from pipelines.data import collate_images, load_embedded_dataset, set_image_transforms  # noqa: E402
+from pipelines.metrics import CodeHistogram, psnr, ssim  # noqa: E402
+from tokenizer import VQTokenizer, VQTokenizerConfig  # noqa: E402
+from tokenizer.blocks import AttentionBlock, ResnetBlock  # noqa: E402
+
+PRESET = "small-f4"
+RESOLUTION = 32
+LEARNING_RATE = 2e-4  # the same for every system: the budget is steps, not tuning
+# Targets of the vqstack row against the best peer row.
+TARGET_PSNR_GAIN_DB = 1.5
+TARGET_USAGE = 0.99
+TARGET_SPEEDUP = 1.5
+PARAMETER_TOLERANCE = 0.10  # peers must match vqstack's parameter count within this fraction
+
+
+# ------------------------------------------------------------------------------------------ systems
+class VQStackAutoencoder(nn.Module):
+    """A `VQTokenizer` behind the benchmark's `forward(images) -> (reconstruction, indices, vq_loss)`."""
+
+    def __init__(self, tokenizer: VQTokenizer) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.tokenizer(images)
+        return out.reconstruction, out.indices, out.quantizer_loss
+
+
+class DiffusersAutoencoder(nn.Module):
+    """diffusers `VQModel` (encoder, quant_conv, vanilla VQ, post_quant_conv, decoder)."""
+
+    def __init__(self, config: VQTokenizerConfig) -> None:
+        super().__init__()
+        from diffusers import VQModel
+
+        levels = len(config.channel_multipliers)
+        # The same layout as the vqstack preset: widths per level, ResNet blocks per level (the diffusers decoder
+        # also uses one more per level), mid-block attention, GroupNorm groups, latent channels, codebook size.
+        self.model = VQModel(
+            in_channels=config.in_channels,
+            out_channels=config.in_channels,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=tuple(config.base_channels * m for m in config.channel_multipliers),
+            layers_per_block=config.num_res_blocks,
+            latent_channels=config.latent_channels,
+            vq_embed_dim=config.latent_channels,
+            num_vq_embeddings=config.codebook_size,
+            norm_num_groups=config.norm_groups,
+            mid_block_add_attention=config.mid_attention,
+            sample_size=RESOLUTION,
+        )
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        latents = self.model.encode(images).latents  # (B, D, h, w)
+        quantized, vq_loss, (_, _, indices) = self.model.quantize(latents)
+        reconstruction = self.model.decoder(self.model.post_quant_conv(quantized))  # (B, C, H, W)
+        batch, _, height, width = latents.shape
+        return reconstruction, indices.reshape(batch, height, width), vq_loss
+
+
+class VQPAutoencoder(nn.Module):
+    """The vqstack encoder and decoder around vector-quantize-pytorch's `VectorQuantize`."""
+
+    def __init__(self, config: VQTokenizerConfig) -> None:
+        super().__init__()
+        from vector_quantize_pytorch import VectorQuantize
+
+        tokenizer = VQTokenizer(config)
+        self.encoder, self.decoder = tokenizer.encoder, tokenizer.decoder
+        # The options of the vqstack default quantizer that the library offers: EMA (decay 0.99), k-means init,
+        # cosine lookup, dead-code restarts (its recommended threshold of 2 uses per step).
+        self.quantizer = VectorQuantize(
+            dim=config.latent_channels, codebook_size=config.codebook_size, decay=0.99, kmeans_init=True,
+            use_cosine_sim=True, threshold_ema_dead_code=2,
+        )
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        latents = self.encoder(images)  # (B, D, h, w)
+        batch, dim, height, width = latents.shape
+        tokens = latents.permute(0, 2, 3, 1).reshape(batch, height * width, dim)  # (B, h*w, D)
+        quantized, indices, vq_loss = self.quantizer(tokens)
+        quantized = quantized.reshape(batch, height, width, dim).permute(0, 3, 1, 2)  # (B, D, h, w)
+        return self.decoder(quantized), indices.reshape(batch, height, width), vq_loss.sum()
+
+
+def apply_zero_init_residuals(model: nn.Module) -> nn.Module:
+    """Proposed vqstack change: every residual branch starts at zero, so each block starts as the identity.
+
+    The last conv of each ResNet block and the output projection of each attention block are zero-initialized
+    (the `zero_module` of Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", and of Goyal et al. 2017 for
+    ResNets): at step 0 the network is a shallow conv stack whose gradients reach every layer unattenuated,
+    which matters most in a short training budget.
+    """
+    for module in model.modules():
+        if isinstance(module, ResnetBlock):
+            nn.init.zeros_(module.conv2.weight)
+            nn.init.zeros_(module.conv2.bias)
+        elif isinstance(module, AttentionBlock):
+            nn.init.zeros_(module.proj.weight)
+            nn.init.zeros_(module.proj.bias)
+    return model
+
+
+@dataclass
+class SystemSpec:
+    """One row of the benchmark: how to build the model and how to run it."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    bf16: bool  # bf16 autocast (AMX matmuls and convs on this CPU)
+    channels_last: bool
+    is_vqstack: bool
+    codebook_size: int
+
+
+def system_specs(config: VQTokenizerConfig, *, proposal: bool) -> list[SystemSpec]:
+    """The benchmark rows: vqstack, its two peers in float32, and the peers under bf16 as extra rows."""
+    size = config.codebook_size
+
+    def vqstack() -> nn.Module:
+        return VQStackAutoencoder(VQTokenizer(config))
+
+    specs = [
+        SystemSpec("vqstack (default)", vqstack, True, True, True, size),
+        SystemSpec("diffusers VQModel", lambda: DiffusersAutoencoder(config), False, False, False, size),
+        SystemSpec("diffusers VQModel", lambda: DiffusersAutoencoder(config), True, True, False, size),
+        SystemSpec("vqstack AE + vector-quantize-pytorch", lambda: VQPAutoencoder(config), False, False, False, size),
+        SystemSpec("vqstack AE + vector-quantize-pytorch", lambda: VQPAutoencoder(config), True, True, False, size),
+    ]
+    if proposal:
+        specs.insert(1, SystemSpec("vqstack + zero-init residuals (proposal)",
+                                   lambda: apply_zero_init_residuals(vqstack()), True, True, True, size))
+    return specs
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class RunningSystem:
+    """A system being trained: its model, optimizer and measured step times."""
+
+    spec: SystemSpec
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def precision(self) -> str:
+        layout = ", channels_last" if self.spec.channels_last else ""
+        return ("bf16 autocast" if self.spec.bf16 else "fp32") + layout
+
+
+def start_system(spec: SystemSpec, seed: int) -> RunningSystem:
+    """Build a system's model in train mode (in its memory layout) and its Adam optimizer."""
+    torch.manual_seed(seed)  # every system starts from the same global RNG state
+    model = spec.build().train()
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    return RunningSystem(spec, model, optimizer)
+
+
+def precision_context(spec: SystemSpec) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the bf16 rows, a no-op for the float32 rows."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16)
+
+
+def as_layout(images: Tensor, spec: SystemSpec) -> Tensor:
+    """(B, C, H, W) images in the memory layout of the system (channels_last or contiguous)."""
+    return images.contiguous(memory_format=torch.channels_last if spec.channels_last else torch.contiguous_format)
+
+
+def train_step(system: RunningSystem, images: Tensor) -> float:
+    """One Adam step on L1 + VQ loss; returns the loss."""
+    images = as_layout(images, system.spec)
+    start = time.perf_counter()
+    with precision_context(system.spec):
+        reconstruction, _, vq_loss = system.model(images)
+        loss = F.l1_loss(reconstruction.float(), images) + vq_loss.float()
+    system.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    system.optimizer.step()
+    system.step_seconds.append(time.perf_counter() - start)
+    return loss.item()
+
+
+def batches(train: Tensor, steps: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """The same `steps` random batches for every system: (batch_size, C, H, W)."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield train[torch.randint(len(train), (batch_size,), generator=generator)]
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@dataclass
+class Result:
+    """What the table reports for one system."""
+
+    name: str
+    precision: str
+    is_vqstack: bool
+    parameters: int
+    images_per_s: float
+    psnr: float
+    ssim: float
+    usage: float
+    perplexity: float
+    final_loss: float
+
+
+@torch.no_grad()
+def evaluate(system: RunningSystem, validation: Tensor, batch_size: int = 250) -> tuple[float, float, float, float]:
+    """PSNR, SSIM (means over images), codebook usage and perplexity over the held-out set, in float32."""
+    system.model.eval()
+    histogram = CodeHistogram(system.spec.codebook_size)
+    psnrs, ssims = [], []
+    for images in validation.split(batch_size):
+        reconstruction, indices, _ = system.model(images)
+        psnrs.append(psnr(reconstruction, images))
+        ssims.append(ssim(reconstruction, images))
+        histogram.update(indices)
+    return float(torch.cat(psnrs).mean()), float(torch.cat(ssims).mean()), histogram.usage(), histogram.perplexity()
+
+
+def steady_images_per_s(system: RunningSystem, batch_size: int, warmup_steps: int) -> float:
+    """Images/s of the median step after the warm-up steps."""
+    steady = system.step_seconds[warmup_steps:] or system.step_seconds
+    return batch_size / statistics.median(steady)
+
+
+def run(specs: list[SystemSpec], train: Tensor, validation: Tensor, *, steps: int, batch_size: int,
+        warmup_steps: int, seed: int) -> list[Result]:
+    """Train every system in turn, step by step, then evaluate each."""
+    systems = [start_system(spec, seed) for spec in specs]
+    losses = [float("nan")] * len(systems)
+    for step, images in enumerate(batches(train, steps, batch_size, seed), start=1):
+        for index, system in enumerate(systems):
+            losses[index] = train_step(system, images)
+        if step == 1 or step % 25 == 0 or step == steps:
+            summary = ", ".join(f"{loss:.3f}" for loss in losses)
+            print(f"  step {step}/{steps}: losses {summary}", file=sys.stderr, flush=True)
+    results = []
+    for system, loss in zip(systems, losses):
+        quality = evaluate(system, validation)
+        results.append(Result(system.spec.name, system.precision, system.spec.is_vqstack,
+                              sum(p.numel() for p in system.model.parameters()),
+                              steady_images_per_s(system, batch_size, warmup_steps), *quality, loss))
+    return results
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_patches(num_train: int, num_validation: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Train and held-out (N, 3, 32, 32) natural-image patches in [-1, 1], materialized once for all systems."""
+    splits = set_image_transforms(
+        load_embedded_dataset("natural-patches", resolution=RESOLUTION, seed=seed, num_train=num_train,
+                              num_validation=num_validation),
+        resolution=RESOLUTION, channels=3, seed=seed,
+    )
+    train = collate_images(list(splits["train"]))["pixel_values"]  # (N, 3, 32, 32)
+    validation = collate_images(list(splits["validation"]))["pixel_values"]
+    return train, validation
+
+
+# ------------------------------------------------------------------------------------------ report
+def print_results(results: list[Result], *, steps: int, batch_size: int, warmup_steps: int,
+                  num_train: int, num_validation: int) -> None:
+    """The results table, then the targets table."""
+    peers = [r for r in results if not r.is_vqstack]
+    best_psnr = max(r.psnr for r in peers)
+    best_speed = max(r.images_per_s for r in peers)
+    print(f"\n### Tokenizer training at a fixed budget: {steps} Adam steps (lr {LEARNING_RATE:g}), batch {batch_size}, "
+          f"L1 + VQ loss, {RESOLUTION}x{RESOLUTION} patches\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads. Data: {num_train} train patches "
+          f"(natural-patches), metrics on {num_validation} held-out patches from other photos, float32 eval. "
+          f"Train images/s: median step after {warmup_steps} warm-up steps. Ratios are against the best peer "
+          f"row: the fastest for images/s, the highest PSNR for PSNR.\n")
+    print("| system | precision | params | train img/s | PSNR (dB) | SSIM | usage | perplexity | final loss "
+          "| img/s vs best peer | PSNR vs best peer |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r.name} | {r.precision} | {r.parameters / 1e6:.2f}M | {r.images_per_s:.1f} | {r.psnr:.2f} "
+              f"| {r.ssim:.3f} | {100 * r.usage:.1f}% | {r.perplexity:.0f} | {r.final_loss:.3f} "
+              f"| {r.images_per_s / best_speed:.2f}x | {r.psnr - best_psnr:+.2f} dB |")
+    print_targets(results)
+
+
+def print_targets(results: list[Result]) -> None:
+    """One line per vqstack row: each target, met or not, with the measured margin."""
+    peers = [r for r in results if not r.is_vqstack]
+    best_psnr = max(r.psnr for r in peers)
+    fp32_peers = [r for r in peers if r.precision == "fp32"] or peers
+    print("\n### Targets\n")
+    print("| vqstack row | PSNR >= best peer + 1.5 dB | usage >= 99% | img/s >= 1.5x fastest fp32 peer "
+          "| img/s >= 1.5x fastest peer (any precision) | params within 10% of every peer |")
+    print("|---|---|---|---|---|---|")
+    for r in (r for r in results if r.is_vqstack):
+        speed_fp32 = r.images_per_s / max(p.images_per_s for p in fp32_peers)
+        speed_all = r.images_per_s / max(p.images_per_s for p in peers)
+        worst_mismatch = max(abs(p.parameters - r.parameters) / r.parameters for p in peers)
+        print(f"| {r.name} | {_verdict(r.psnr - best_psnr >= TARGET_PSNR_GAIN_DB)} ({r.psnr - best_psnr:+.2f} dB) "
+              f"| {_verdict(r.usage >= TARGET_USAGE)} ({100 * r.usage:.1f}%) "
+              f"| {_verdict(speed_fp32 >= TARGET_SPEEDUP)} ({speed_fp32:.2f}x) "
+              f"| {_verdict(speed_all >= TARGET_SPEEDUP)} ({speed_all:.2f}x) "
+              f"| {_verdict(worst_mismatch <= PARAMETER_TOLERANCE)} (max {100 * worst_mismatch:.1f}%) |")
+
+
+def _verdict(passed: bool) -> str:
+    return "met" if passed else "NOT met"
+
+
+# ------------------------------------------------------------------------------------------ main
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1, refused with the offending text otherwise."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: few steps, small batch, few patches")
+    parser.add_argument("--steps", type=positive_int, default=None, help="Adam steps per system (default 400)")
+    parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=None,
+                        help="images per step (default 32)")
+    parser.add_argument("--warmup_steps", "--warmup-steps", type=int, default=None,
+                        help="first steps left out of images/s (default: 5%% of the steps, at least 1)")
+    parser.add_argument("--num_train", "--num-train", type=positive_int, default=None)
+    parser.add_argument("--num_validation", "--num-validation", type=positive_int, default=None)
+    parser.add_argument("--proposal", action="store_true", help="add the row with the proposed vqstack change")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (4 if args.quick else 400)
+    args.batch_size = args.batch_size or (8 if args.quick else 32)
+    args.num_train = args.num_train or (256 if args.quick else 20_000)
+    args.num_validation = args.num_validation or (64 if args.quick else 1_000)
+    if args.warmup_steps is None:
+        args.warmup_steps = max(1, args.steps // 20)
+    if not 0 <= args.warmup_steps < args.steps:
+        parser.error(f"--warmup_steps must lie in [0, steps={args.steps}), got {args.warmup_steps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    train, validation = load_patches(args.num_train, args.num_validation, args.seed)
+    specs = system_specs(VQTokenizerConfig.from_preset(PRESET), proposal=args.proposal)
+    results = run(specs, train, validation, steps=args.steps, batch_size=args.batch_size,
+                  warmup_steps=args.warmup_steps, seed=args.seed)
+    print_results(results, steps=args.steps, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
+                  num_train=args.num_train, num_validation=args.num_validation)
+
+
+if __name__ == "__main__":
+    main()
