@@ -25,7 +25,7 @@ from .images import image_grid, save_image
 logger = logging.getLogger(__name__)
 
 # Budgets measured to finish in a few minutes on a 2-core CPU; --fast is a smoke run for tests.
-FULL = {"tokenizer_steps": 600, "prior_steps": 1500, "tokenizer_batch": 32, "prior_batch": 64}
+FULL = {"tokenizer_steps": 400, "prior_steps": 800, "tokenizer_batch": 32, "prior_batch": 64}
 FAST = {"tokenizer_steps": 3, "prior_steps": 3, "tokenizer_batch": 8, "prior_batch": 8}
 
 
@@ -38,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=None, help="default: 32 (digits) / 32 (natural-patches)")
     parser.add_argument("--tokenizer_steps", type=int, default=None)
     parser.add_argument("--prior_steps", type=int, default=None)
-    parser.add_argument("--guidance_scale", type=float, default=1.5, help="classifier-free guidance for samples")
+    parser.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance for samples")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--samples_per_class", type=int, default=8)
+    parser.add_argument("--samples_per_class", type=int, default=6)
     parser.add_argument("--mixed_precision", type=str, default="bf16", choices=["no", "bf16", "fp16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="a few steps of each stage (a smoke test, not a result)")
