@@ -30,3 +30,12 @@ def real_images():
             patch = photo[top:top + 128:4, left:left + 128:4]  # 128px area downsampled to 32x32
             crops.append(np.ascontiguousarray(patch[:, :, :3]))
     return crops
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models are dispatch-bound: extra intra-op threads only add synchronisation on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,14 +20,7 @@ from prior import (
 )
 from prior.configuration import config_from_dict
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models are dispatch-bound: extra intra-op threads only add synchronisation on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 PRIORS = {

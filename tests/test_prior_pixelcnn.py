@@ -8,14 +8,7 @@ import torch
 from prior import PixelCNNConfig, PixelCNNPrior
 from prior.pixelcnn import causal_mask
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models are dispatch-bound: extra intra-op threads only add synchronisation on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(**overrides) -> PixelCNNPrior:
