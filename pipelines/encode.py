@@ -23,6 +23,8 @@ from accelerate import PartialState
 
 from tokenizer import VQImageProcessor, VQTokenizer
 
+from .training import cpu_only_multiprocess
+
 logger = logging.getLogger(__name__)
 METADATA_NAME = "tokens.json"
 
@@ -51,7 +53,7 @@ def _encode_batch(batch: dict, tokenizer: VQTokenizer, processor: VQImageProcess
 def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: Path, *, resolution: int,
                  batch_size: int = 64, shard_size: int = 10_000, state: PartialState | None = None) -> datasets.Dataset:
     """Encode one split into `output_dir` (an Arrow dataset); finished shards from an earlier run are reused."""
-    state = state or PartialState()
+    state = state or PartialState(cpu=cpu_only_multiprocess())
     if "image" not in dataset.column_names:
         raise ValueError(f"the dataset has no 'image' column; its columns are {dataset.column_names}")
     processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution)
@@ -154,7 +156,7 @@ def encode_dataset(tokenizer: VQTokenizer, dataset_dict: datasets.DatasetDict, o
     """Encode every split of `dataset_dict`; returns the token datasets and the metadata written to tokens.json."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    state = PartialState()
+    state = PartialState(cpu=cpu_only_multiprocess())
     encoded = datasets.DatasetDict({
         name: encode_split(tokenizer, split, output_dir / name, resolution=resolution, batch_size=batch_size,
                            shard_size=shard_size, state=state)
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.streaming:
         _encode_streaming(args, tokenizer)
         return
-    state = PartialState()
+    state = PartialState(cpu=cpu_only_multiprocess())
     with state.main_process_first():
         images = load_image_dataset(
             dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, embedded=args.dataset,

@@ -26,6 +26,7 @@ from prior import Prior, load_prior
 from tokenizer import VQTokenizer
 
 from .images import image_grid, save_image
+from .training import cpu_only_multiprocess
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
 PIPELINE_FORMAT_VERSION = 1
@@ -234,7 +235,7 @@ def generate_distributed(pipeline: GenerationPipeline, num_images: int, labels: 
 
     Process i samples its share with seed `seed + i`, so the result is reproducible for a given world size.
     """
-    state = PartialState()
+    state = PartialState(cpu=cpu_only_multiprocess())
     pipeline.to(state.device)
     positions = list(range(num_images))
     with state.split_between_processes(positions) as mine:

@@ -89,7 +89,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     accelerator = Accelerator(
-        cpu=_cpu_only_multiprocess(),
+        cpu=cpu_only_multiprocess(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=log_with,
@@ -103,7 +103,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
-def _cpu_only_multiprocess() -> bool:
+def cpu_only_multiprocess() -> bool:
     """True for `accelerate launch --multi_gpu --num_processes N` on a machine without any accelerator.
 
     accelerate then needs `cpu=True` to pick the gloo backend (its `--cpu` launcher alone starts one process).
