@@ -51,6 +51,26 @@ def to_tokens(z: Tensor) -> Tensor:
     return z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, D)
 
 
+def make_output(tokens: Tensor, indices: Tensor, grid: tuple[int, int, int], stats: CodebookStats, *,
+                commit_loss: Tensor | None = None, codebook_loss: Tensor | None = None,
+                entropy_loss: Tensor | None = None) -> QuantizerOutput:
+    """Assemble a `QuantizerOutput` from (N, D) codes and (N,) indices on a (B, h, w) grid.
+
+    Absent loss terms are float32 zeros; `loss` is always the sum of the three.
+    """
+    zero = zero_loss(tokens)
+    terms = [zero if term is None else term for term in (commit_loss, codebook_loss, entropy_loss)]
+    return QuantizerOutput(
+        quantized=from_tokens(tokens, *grid),
+        indices=indices.reshape(grid),
+        loss=terms[0] + terms[1] + terms[2],
+        commit_loss=terms[0],
+        codebook_loss=terms[1],
+        entropy_loss=terms[2],
+        stats=stats,
+    )
+
+
 def from_tokens(tokens: Tensor, batch: int, height: int, width: int) -> Tensor:
     """(B*h*w, D) -> (B, D, h, w), a channels-last view: no copy here nor in its backward."""
     return tokens.reshape(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, D, h, w)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantizerOutput, from_tokens, straight_through, to_tokens, zero_loss
+from .base import Quantizer, QuantizerOutput, from_tokens, make_output, straight_through, to_tokens
 from .config import QuantizerConfig
 
 
@@ -58,16 +58,7 @@ class FiniteScalarQuantizer(Quantizer):
             if self.training:
                 self.update_usage(counts)
             stats = self.codebook_stats(counts)
-        zero = zero_loss(quantized)
-        return QuantizerOutput(
-            quantized=from_tokens(quantized, batch, height, width),
-            indices=indices.reshape(batch, height, width),
-            loss=zero,
-            commit_loss=zero,
-            codebook_loss=zero,
-            entropy_loss=zero,
-            stats=stats,
-        )
+        return make_output(quantized, indices, (batch, height, width), stats)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """(B, h, w) int64 -> (B, D, h, w); equals `quantized` for the same indices in eval mode."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantizerOutput, from_tokens, straight_through, to_tokens, zero_loss
+from .base import Quantizer, QuantizerOutput, from_tokens, make_output, straight_through, to_tokens, zero_loss
 from .config import QuantizerConfig
 
 
@@ -48,15 +48,8 @@ class LookupFreeQuantizer(Quantizer):
             if self.training:
                 self.update_usage(counts)
             stats = self.codebook_stats(counts)
-        return QuantizerOutput(
-            quantized=from_tokens(quantized, batch, height, width),
-            indices=indices.reshape(batch, height, width),
-            loss=commit_loss + entropy_loss,
-            commit_loss=commit_loss,
-            codebook_loss=zero_loss(quantized),
-            entropy_loss=entropy_loss,
-            stats=stats,
-        )
+        return make_output(quantized, indices, (batch, height, width), stats, commit_loss=commit_loss,
+                           entropy_loss=entropy_loss)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """(B, h, w) int64 -> (B, D, h, w); equals `quantized` for the same indices in eval mode."""

@@ -14,6 +14,7 @@ from .base import (
     Quantizer,
     QuantizerOutput,
     from_tokens,
+    make_output,
     straight_through,
     to_tokens,
     zero_loss,
@@ -77,15 +78,8 @@ class VectorQuantizer(Quantizer):
             entropy_loss = self._entropy_loss(latents, codebook)
             quantized = self.project_out(straight_through(codes, latents))  # (N, D)
             stats = self._track(latents.detach(), indices)
-        return QuantizerOutput(
-            quantized=from_tokens(quantized, batch, height, width),
-            indices=indices.reshape(batch, height, width),
-            loss=commit_loss + codebook_loss + entropy_loss,
-            commit_loss=commit_loss,
-            codebook_loss=codebook_loss,
-            entropy_loss=entropy_loss,
-            stats=stats,
-        )
+        return make_output(quantized, indices, (batch, height, width), stats, commit_loss=commit_loss,
+                           codebook_loss=codebook_loss, entropy_loss=entropy_loss)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """(B, h, w) int64 -> (B, D, h, w); equals `quantized` for the same indices in eval mode."""
