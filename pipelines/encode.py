@@ -40,6 +40,17 @@ def _save(dataset: datasets.Dataset, path: Path) -> None:
             datasets.enable_progress_bars()
 
 
+def _merge_shards(shard_root: Path, num_shards: int, output_dir: Path) -> None:
+    """Concatenate the (memory-mapped) shards into `output_dir` atomically, then delete the shards."""
+    shards = [datasets.load_from_disk(str(shard_root / f"shard-{i:05d}")) for i in range(num_shards)]
+    temporary = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    _save(datasets.concatenate_datasets(shards), temporary)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    temporary.rename(output_dir)
+    shutil.rmtree(shard_root)
+
+
 def _encode_batch(batch: dict, tokenizer: VQTokenizer, processor: VQImageProcessor, device) -> dict:
     pixels = processor.preprocess(batch["image"]).to(device)  # (B, C, H, W)
     with torch.no_grad():
@@ -81,14 +92,7 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
         temporary.rename(final)
     state.wait_for_everyone()
     if state.is_main_process:
-        shards = [datasets.load_from_disk(str(shard_root / f"shard-{i:05d}")) for i in range(num_shards)]
-        merged = datasets.concatenate_datasets(shards)
-        temporary = output_dir.with_name(output_dir.name + ".tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        _save(merged, temporary)
-        shutil.rmtree(output_dir, ignore_errors=True)
-        temporary.rename(output_dir)
-        shutil.rmtree(shard_root)
+        _merge_shards(shard_root, num_shards, output_dir)
     state.wait_for_everyone()
     return datasets.load_from_disk(str(output_dir))
 
@@ -138,15 +142,9 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
     if rows["indices"]:
         flush(index)
         index += 1
-    shards = [datasets.load_from_disk(str(shard_root / f"shard-{i:05d}")) for i in range(index)]
-    if not shards:
+    if index == 0:
         raise ValueError("the stream yielded no examples")
-    temporary = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    _save(datasets.concatenate_datasets(shards), temporary)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    temporary.rename(output_dir)
-    shutil.rmtree(shard_root)
+    _merge_shards(shard_root, index, output_dir)
     return datasets.load_from_disk(str(output_dir))
 
 

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import DatasetDict
+from torch.utils.data import DataLoader
 
-from .data import EMBEDDED_DATASETS
-from .encode import encode_dataset, load_token_dataset
+from .data import EMBEDDED_DATASETS, collate_images, load_image_dataset, set_image_transforms
+from .encode import encode_dataset
 from .evaluate import evaluate_tokenizer
 from .generation import GenerationPipeline
 from .images import image_grid, save_image
@@ -64,7 +66,7 @@ def run_quickstart(args: argparse.Namespace) -> dict:
     from .train_prior import build_parser as prior_parser
     from .train_prior import train_prior
     from .train_tokenizer import build_parser as tokenizer_parser
-    from .train_tokenizer import load_data, train_tokenizer
+    from .train_tokenizer import train_tokenizer
 
     budget = dict(FAST if args.fast else FULL)
     budget.update({k: v for k, v in (("tokenizer_steps", args.tokenizer_steps), ("prior_steps", args.prior_steps))
@@ -91,12 +93,13 @@ def run_quickstart(args: argparse.Namespace) -> dict:
     tokenizer = VQTokenizer.from_pretrained(tokenizer_dir)
 
     # 2. reconstruction metrics on the whole held-out split ---------------------------------------------------
-    datasets, _, _ = load_data(tokenizer_args, tokenizer.config.in_channels)
-    from torch.utils.data import DataLoader
-
-    from .data import collate_images
-
-    loader = DataLoader(datasets["validation"], batch_size=64, collate_fn=collate_images)
+    images = load_image_dataset(embedded=args.dataset if args.dataset in EMBEDDED_DATASETS else None,
+                                train_data_dir=None if args.dataset in EMBEDDED_DATASETS else args.dataset,
+                                resolution=resolution, seed=args.seed)
+    # A view of the same rows with the deterministic evaluation transform; `images` stays raw for encoding.
+    held_out = set_image_transforms(DatasetDict({"validation": images["validation"].with_format(None)}),
+                                    resolution=resolution, channels=tokenizer.config.in_channels)
+    loader = DataLoader(held_out["validation"], batch_size=64, collate_fn=collate_images)
     tokenizer_metrics, (originals, reconstructions) = evaluate_tokenizer(tokenizer, loader)
     count = min(16, originals.shape[0])
     save_image(image_grid(torch.cat([originals[:count], reconstructions[:count]]), columns=count, scale=3),
@@ -105,14 +108,9 @@ def run_quickstart(args: argparse.Namespace) -> dict:
 
     # 3. pre-tokenize -------------------------------------------------------------------------------------------
     start = time.perf_counter()
-    from .data import load_image_dataset
-
-    images = load_image_dataset(embedded=args.dataset if args.dataset in EMBEDDED_DATASETS else None,
-                                train_data_dir=None if args.dataset in EMBEDDED_DATASETS else args.dataset,
-                                resolution=resolution, seed=args.seed)
-    encode_dataset(tokenizer, images, out / "tokens", resolution=resolution, tokenizer_source=str(tokenizer_dir))
+    _, metadata = encode_dataset(tokenizer, images, out / "tokens", resolution=resolution,
+                                 tokenizer_source=str(tokenizer_dir))
     timings["encode_s"] = time.perf_counter() - start
-    _, metadata = load_token_dataset(out / "tokens")
 
     # 4. prior --------------------------------------------------------------------------------------------------
     start = time.perf_counter()

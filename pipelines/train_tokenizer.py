@@ -89,9 +89,7 @@ def build_tokenizer_config(args: argparse.Namespace, in_channels: int) -> VQToke
     if args.codebook_size is not None:
         overrides["quantizer"] = {"codebook_size": args.codebook_size}
     if Path(args.config).suffix == ".json":
-        data = json.loads(Path(args.config).read_text())
-        config = VQTokenizerConfig.from_dict(data, source=args.config)
-        data = config.to_dict()
+        data = VQTokenizerConfig.from_json_file(args.config).to_dict()
         data.pop("config_version")
         data.update({k: v for k, v in overrides.items() if k != "quantizer"})
         if "quantizer" in overrides:

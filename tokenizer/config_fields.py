@@ -8,8 +8,10 @@ instead of surfacing later as an obscure shape error deep inside a convolution.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -58,6 +60,14 @@ def check_field_types(config: Any) -> None:
                 f"{type(config).__name__}.{field.name} must be {_type_name(hints[field.name])}, "
                 f"got {value!r} ({type(value).__name__})"
             )
+
+
+def read_json_file(path: str | Path) -> Any:
+    """Parse a JSON file; malformed content raises `ValueError` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
 def dataclass_from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config") -> T:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config_fields import check_field_types, dataclass_from_dict
+from .config_fields import check_field_types, dataclass_from_dict, read_json_file
 from .quantizers import QuantizerConfig
 
 CONFIG_VERSION = 1  # bumped when the meaning of a saved field changes
@@ -98,11 +98,7 @@ class VQTokenizerConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> VQTokenizerConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_file(path), source=str(path))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VQTokenizerConfig:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config_fields import check_field_types, dataclass_from_dict
+from .config_fields import check_field_types, dataclass_from_dict, read_json_file
 
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 OutputType = Literal["pil", "np", "pt"]
@@ -123,11 +123,7 @@ class VQImageProcessor:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> VQImageProcessor:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
-        return dataclass_from_dict(cls, data, source=str(path))
+        return dataclass_from_dict(cls, read_json_file(path), source=str(path))
 
 
 _FILTERS = {
