@@ -1,5 +1,5 @@
 """GPT-style Transformer prior over the raster-flattened grid, built on `transformers`' GPT-2 (from a config,
-never downloaded), with a hand-written KV-cached sampling loop.
+never downloaded), sampled with a KV-cached decoding loop over the same weights (prior/gpt2_decoding.py).
 
 Token ids: codes are 0..K-1, class tokens K..K+num_classes (the last one is the null class), then one start
 token. A sequence is [class-or-start token] + codes, so the logits at position t predict code t from the first
@@ -13,10 +13,11 @@ from collections.abc import Generator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AttentionInterface, GPT2Config, GPT2Model, StaticCache
+from transformers import AttentionInterface, GPT2Config, GPT2Model
 
 from .base import Prior
 from .configuration import TransformerPriorConfig
+from .gpt2_decoding import GPT2StepDecoder
 
 ATTENTION_NAME = "vqstack_grid_causal"
 
@@ -29,22 +30,17 @@ def grid_causal_attention(
     attention_mask: Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    cache_length: int | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """Causal self-attention of the prior's GPT-2 blocks, registered in `transformers`' AttentionInterface.
 
     Grids are never padded, so no mask tensor is needed: a full sequence (training, scoring, the no-cache loop)
-    uses SDPA's built-in causal mask, and a cached decoding step (one query) attends to the first
-    `cache_length` entries of the static cache only. The stock implementations read the whole preallocated
-    cache and mask the unwritten part, about twice the memory traffic over a grid, and build that mask
-    tensor at every step. A caller decoding with a StaticCache must pass `cache_length` (a DynamicCache holds
-    exactly the written entries). query/key/value: (B, H, T, D); returns (B, T, H, D).
+    uses SDPA's built-in causal mask instead of a materialized (T, T) mask, and one cached query (e.g.
+    `generate()` with a DynamicCache, which holds exactly the written entries) attends to every key.
+    query/key/value: (B, H, T, D); returns (B, T, H, D).
     """
     if attention_mask is not None:
         raise ValueError(f"{ATTENTION_NAME} takes no attention mask (grids are never padded), got one")
-    if cache_length is not None:
-        key, value = key[:, :, :cache_length], value[:, :, :cache_length]
     query_length, key_length = query.shape[2], key.shape[2]
     if query_length > 1 and query_length != key_length:
         raise ValueError(
@@ -140,20 +136,14 @@ class TransformerPrior(Prior):
             input_ids = torch.cat([input_ids, token[:, None]], dim=1)
 
     def _cached_stream(self, first: Tensor) -> Generator[Tensor, Tensor, None]:
-        """KV-cached decoding: prefill the first token, then feed one token per step.
+        """KV-cached decoding: feed the first token, then one token per step.
 
-        A preallocated `StaticCache` sized to the grid avoids re-allocating keys/values at every step, and the
-        loop calls the backbone directly instead of `generate()`, which spends most of its time per token in
-        input preparation, logits processors and stopping criteria for models this small.
+        The loop runs `GPT2StepDecoder`, the backbone's arithmetic on its own weights with one preallocated
+        key/value buffer, instead of `GPT2Model.forward` with a `transformers` cache or `generate()`: at these
+        model and batch sizes most of a step's time there goes to per-module overhead (measured in
+        scripts/benchmarks/bench_prior_sampling.py). Its logits equal the full forward's (tests).
         """
-        num_tokens = self.config.num_tokens
-        cache = StaticCache(config=self.backbone.config, max_cache_len=num_tokens)
-        positions = torch.arange(num_tokens, device=first.device).view(1, num_tokens)
-        input_ids = first[:, None]  # (N, 1)
-        for step in range(num_tokens):
-            hidden = self.backbone(
-                input_ids=input_ids, past_key_values=cache, position_ids=positions[:, step : step + 1],
-                use_cache=True, cache_length=step + 1,
-            ).last_hidden_state[:, -1]  # (N, D)
-            token = yield self.head(hidden).float()  # (N, K)
-            input_ids = token[:, None]
+        decoder = GPT2StepDecoder(self.backbone, batch_size=first.shape[0], max_length=self.config.num_tokens)
+        token = first  # (N,)
+        for _ in range(self.config.num_tokens):
+            token = yield self.head(decoder.step(token)).float()  # (N, K) -> next token (N,)

@@ -66,6 +66,23 @@ def test_cached_stream_matches_forward_and_naive_stream(num_classes):
         torch.testing.assert_close(torch.stack(streamed, 1), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_step_decoder_follows_weights_and_refuses_overflow():
+    from prior.gpt2_decoding import GPT2StepDecoder
+
+    prior = tiny()
+    tokens = torch.randint(0, 16, (2, 16))
+    decoder = GPT2StepDecoder(prior.backbone, batch_size=2, max_length=16)
+    with torch.no_grad():
+        prior.backbone.h[1].mlp.c_fc.weight.mul_(3.0)  # in-place update after construction: still followed
+        expected = prior.backbone(input_ids=tokens).last_hidden_state  # (2, 16, D)
+    hidden = torch.stack([decoder.step(tokens[:, t]) for t in range(16)], dim=1)
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="full"):
+        decoder.step(tokens[:, 0])
+    with pytest.raises(ValueError, match="n_positions"):
+        GPT2StepDecoder(prior.backbone, batch_size=2, max_length=17)
+
+
 def test_cached_and_naive_sampling_agree():
     prior = tiny(num_classes=3, grid_shape=(3, 5))
     kwargs = dict(labels=[0, 1, 2], top_p=0.9, guidance_scale=1.5)

@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--codebook-size", type=int, default=1024)
     parser.add_argument("--num-classes", type=int, default=9, help="9 classes -> 1035 input ids with K=1024")
     parser.add_argument("--top-k", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-naive", action="store_true", help="skip the slow no-cache loops")
     parser.add_argument("--naive-positions", type=int, default=16, help="positions timed in the naive PixelCNN")
     parser.add_argument("--bf16", action="store_true", help="also time the transformer prior cast to bfloat16")
@@ -142,11 +142,13 @@ def transformer_rows(args: argparse.Namespace) -> list[tuple[str, float]]:
         model = identical_gpt2(prior, attn_implementation)
         check_parity(prior, model, labels)
         methods[f"transformers generate() (KV cache, attn={attn_implementation})"] = generate(model)
-    methods["TransformerPrior.sample (static KV cache, fp32)"] = lambda: prior.sample(
+    methods["TransformerPrior.sample (KV cache, fp32)"] = lambda: prior.sample(
         args.batch_size, labels=labels, top_k=args.top_k
     )
-    if args.bf16:  # a different precision, so not the identical model: reported separately
+    if args.bf16:  # a different precision: both sides cast to bf16, reported in their own rows
         prior_bf16 = copy.deepcopy(prior).to(torch.bfloat16)
+        model_bf16 = identical_gpt2(prior, "sdpa").to(torch.bfloat16)
+        methods["transformers generate() (KV cache, attn=sdpa), model cast to bf16"] = generate(model_bf16)
         methods["TransformerPrior.sample, prior cast to bf16"] = lambda: prior_bf16.sample(
             args.batch_size, labels=labels, top_k=args.top_k
         )
