@@ -14,6 +14,8 @@ from tokenizer.quantizers import (
     VectorQuantizer,
     build_quantizer,
 )
+from tokenizer.quantizers import search
+from tokenizer.quantizers.entropy import entropy_penalty
 from tokenizer.quantizers.search import nearest_codes
 
 PLAIN = dict(codebook_dim=None, use_ema=False, normalize_codes=False, kmeans_init=False, dead_code_steps=0,
@@ -211,6 +213,32 @@ def test_chunked_search_equals_unchunked_and_brute_force(cosine):
     assert torch.equal(full, torch.cdist(latents.double(), codebook.double()).argmin(dim=1))
     shortlisted = nearest_codes(latents, codebook, cosine=cosine, chunk_size=128, search_dtype=torch.bfloat16)
     assert torch.equal(shortlisted, full)
+
+
+@pytest.mark.parametrize("search_dtype", [torch.float32, torch.bfloat16])
+def test_search_tiled_over_latents_equals_one_block(monkeypatch, search_dtype):
+    latents, codebook = torch.randn(300, 16), torch.randn(1000, 16)
+    expected = torch.cdist(latents.double(), codebook.double()).argmin(dim=1)
+    monkeypatch.setattr(search, "BLOCK_ELEMENTS", 7 * 128)  # tiles of 7 latents against chunks of 128 codes
+    assert torch.equal(nearest_codes(latents, codebook, chunk_size=128, search_dtype=search_dtype), expected)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.01])
+def test_chunked_entropy_penalty_matches_autograd_of_the_formula(temperature):
+    latents = F.normalize(torch.randn(70, 8, dtype=torch.float64), dim=1).float().requires_grad_()
+    codebook = F.normalize(torch.randn(50, 8), dim=1).requires_grad_()
+    logits = -torch.cdist(latents, codebook).pow(2) / temperature  # softmax(-||z - e||^2 / T)
+    log_probs = F.log_softmax(logits, dim=1)
+    probs = log_probs.exp()
+    mean_probs = probs.mean(0)
+    expected = -(probs * log_probs).sum(1).mean() - 1.5 * -(mean_probs * mean_probs.log()).sum()
+    expected_grads = torch.autograd.grad(expected, (latents, codebook))
+    value = entropy_penalty(latents, codebook, temperature=temperature, diversity=1.5, chunk_size=16)
+    grads = torch.autograd.grad(value, (latents, codebook))
+    torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-4)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        scale = expected_grad.abs().max()
+        torch.testing.assert_close(grad / scale, expected_grad / scale, rtol=0, atol=1e-3)
 
 
 def test_search_breaks_ties_toward_the_lowest_index_across_chunks():

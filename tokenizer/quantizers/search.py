@@ -3,13 +3,17 @@
 argmin_k ||z - e_k||^2 = argmin_k (||e_k||^2 - 2 z . e_k): `torch.addmm` computes the whole chunk of
 scores in one BLAS call, without the (N, K) temporaries of `||z||^2 + ||e||^2 - 2 z e^T` or of
 `torch.cdist`. For unit-norm codes the nearest code is argmax_k z . e_k. Chunking the codebook keeps
-memory at N x chunk_size floats however large K grows.
+memory bounded however large K grows, and tiling the latents as well keeps each block of scores
+(BLOCK_ELEMENTS floats) in the CPU's caches: in a low-dimensional lookup space (d = 8) the search is bound by
+writing and re-reading the scores, not by the matmul.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+BLOCK_ELEMENTS = 1 << 21  # scores per (latent tile, codebook chunk) block: 8 MiB in float32
 
 
 @torch.no_grad()
@@ -33,10 +37,22 @@ def nearest_codes(
             f"and {tuple(codebook.shape)}"
         )
     latents, codebook = latents.float(), codebook.float()
-    if search_dtype == torch.float32:
-        return _chunked_best(latents, codebook, cosine=cosine, chunk_size=chunk_size)
-    shortlist = _chunked_topk(latents.to(search_dtype), codebook.to(search_dtype), cosine, chunk_size, candidates)
-    return _rerank(latents, codebook, shortlist, cosine=cosine)
+    # ||e||^2 once per search, sliced per chunk; none for cosine search.
+    code_sq_norms = None if cosine else codebook.pow(2).sum(dim=1)  # (K,)
+    low_precision = search_dtype != torch.float32
+    if low_precision:
+        search_codebook = codebook.to(search_dtype)
+        search_norms = None if cosine else code_sq_norms.to(search_dtype)
+    tile = max(1, BLOCK_ELEMENTS // min(chunk_size, codebook.shape[0]))  # latents per block
+    indices = torch.empty(latents.shape[0], dtype=torch.long, device=latents.device)
+    for start in range(0, latents.shape[0], tile):
+        rows = latents[start : start + tile]
+        if low_precision:
+            shortlist = _chunked_topk(rows.to(search_dtype), search_codebook, search_norms, chunk_size, candidates)
+            indices[start : start + tile] = _rerank(rows, codebook, shortlist, cosine=cosine)
+        else:
+            indices[start : start + tile] = _chunked_best(rows, codebook, code_sq_norms, chunk_size)
+    return indices
 
 
 def _scores(latents: Tensor, codes: Tensor, code_sq_norms: Tensor | None) -> Tensor:
@@ -46,9 +62,8 @@ def _scores(latents: Tensor, codes: Tensor, code_sq_norms: Tensor | None) -> Ten
     return torch.addmm(code_sq_norms, latents, codes.t(), beta=-1.0, alpha=2.0)  # (N, C)
 
 
-def _chunked_best(latents: Tensor, codebook: Tensor, *, cosine: bool, chunk_size: int) -> Tensor:
-    # ||e||^2 once per search, sliced per chunk.
-    code_sq_norms = None if cosine else codebook.pow(2).sum(dim=1)  # (K,)
+def _chunked_best(latents: Tensor, codebook: Tensor, code_sq_norms: Tensor | None, chunk_size: int) -> Tensor:
+    """(N,) index of the best code, chunk by chunk with a running best."""
     best_score = best_index = None
     for start in range(0, codebook.shape[0], chunk_size):
         stop = start + chunk_size
@@ -64,9 +79,10 @@ def _chunked_best(latents: Tensor, codebook: Tensor, *, cosine: bool, chunk_size
     return best_index
 
 
-def _chunked_topk(latents: Tensor, codebook: Tensor, cosine: bool, chunk_size: int, candidates: int) -> Tensor:
+def _chunked_topk(
+    latents: Tensor, codebook: Tensor, code_sq_norms: Tensor | None, chunk_size: int, candidates: int
+) -> Tensor:
     """(N, m) indices of the m best codes by low-precision score."""
-    code_sq_norms = None if cosine else codebook.float().pow(2).sum(dim=1).to(codebook.dtype)  # (K,)
     top_score = top_index = None
     for start in range(0, codebook.shape[0], chunk_size):
         stop = start + chunk_size

@@ -20,6 +20,7 @@ from .base import (
     zero_loss,
 )
 from .config import QuantizerConfig
+from .entropy import entropy_penalty
 from .kmeans import kmeans
 from .search import nearest_codes
 
@@ -111,7 +112,8 @@ class VectorQuantizer(Quantizer):
     def _entropy_loss(self, latents: Tensor, codebook: Tensor) -> Tensor:
         """MaskGIT/MAGVIT-v2 entropy penalty: confident per-token choices, uniform use of the codebook.
 
-        Materializes (n, K) soft assignments with gradient for n = min(N, entropy_max_tokens) tokens.
+        Estimated on n = min(N, entropy_max_tokens) tokens, in chunks (see entropy.py): memory stays at a few
+        blocks of soft assignments whatever n and K.
         """
         if self.config.entropy_weight == 0.0:
             return zero_loss(latents)
@@ -119,17 +121,8 @@ class VectorQuantizer(Quantizer):
             # A random subset bounds the (N, K) cost; both entropies are then estimated from it.
             picks = torch.randperm(latents.shape[0], generator=self._step_generator(salt=1))
             latents = latents[picks[: self.config.entropy_max_tokens].to(latents.device)]
-        # softmax(-||z - e||^2 / T) over codes; ||z||^2 is constant per row and cancels in the softmax,
-        # so the logits are one addmm: (2 z.e - ||e||^2) / T.
-        temperature = self.config.entropy_temperature
-        logits = torch.addmm(codebook.pow(2).sum(1), latents, codebook.t(), beta=-1 / temperature,
-                             alpha=2 / temperature)  # (n, K)
-        log_probs = F.log_softmax(logits, dim=1)  # (n, K)
-        probs = log_probs.exp()
-        per_token_entropy = -(probs * log_probs).sum(1).mean()
-        mean_probs = probs.mean(0)  # (K,)
-        codebook_entropy = -(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum()
-        penalty = per_token_entropy - self.config.entropy_diversity_weight * codebook_entropy
+        penalty = entropy_penalty(latents, codebook, temperature=self.config.entropy_temperature,
+                                  diversity=self.config.entropy_diversity_weight)
         return self.config.entropy_weight * penalty
 
     def _track(self, latents: Tensor, indices: Tensor) -> CodebookStats:
