@@ -13,8 +13,8 @@ from tokenizer.quantizers import (
     QuantizerConfig,
     VectorQuantizer,
     build_quantizer,
+    search,
 )
-from tokenizer.quantizers import search
 from tokenizer.quantizers.entropy import entropy_penalty
 from tokenizer.quantizers.search import nearest_codes
 
