@@ -44,6 +44,26 @@ def straight_through(value: Tensor, source: Tensor) -> Tensor:
     return value.detach() + (source - source.detach())
 
 
+def rotation_trick(value: Tensor, source: Tensor, eps: float = 1e-12) -> Tensor:
+    """Forward value `value` (N, d) exactly; gradient to `source` (N, d) through the rotation and rescaling
+    that map each source vector onto its value, held constant (Fifty et al. 2024, "Restructuring Vector
+    Quantization with the Rotation Trick", eq. 4.2).
+
+    With u = z/||z||, e = q/||q||, w = (u + e)/||u + e||: R = I - 2 w w^T + 2 e u^T and R u = e, so
+    (||q|| / ||z||) R z = q. Unlike the identity of the straight-through estimator, the gradient reaching z
+    keeps the angle between the loss gradient and the code, so latents in the same code cell receive
+    different updates.
+    """
+    value = value.detach()
+    source_norm = source.detach().norm(dim=1, keepdim=True).clamp_min(eps)  # (N, 1)
+    value_norm = value.norm(dim=1, keepdim=True).clamp_min(eps)
+    u, e = source.detach() / source_norm, value / value_norm  # (N, d)
+    w = torch.nn.functional.normalize(u + e, dim=1)
+    rotated = source - 2.0 * w * (source * w).sum(1, keepdim=True) + 2.0 * e * (source * u).sum(1, keepdim=True)
+    rotated = rotated * (value_norm / source_norm)
+    return value + (rotated - rotated.detach())  # forward value bit-identical to `value`
+
+
 def to_tokens(z: Tensor) -> Tensor:
     """(B, D, h, w) -> (B*h*w, D) float32, one row per spatial position."""
     if z.dim() != 4:

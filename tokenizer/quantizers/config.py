@@ -9,6 +9,7 @@ from typing import Any
 
 QUANTIZER_KINDS = ("vq", "fsq", "lfq")
 SEARCH_DTYPES = ("float32", "bfloat16")
+GRADIENT_ESTIMATORS = ("straight_through", "rotation")
 KMEANS_SEEDINGS = ("kmeans++", "random")
 
 # Recommended FSQ levels per codebook size, from Table 1 of Mentzer et al. 2023 ("Finite Scalar
@@ -66,6 +67,9 @@ class QuantizerConfig:
     # float32 (several times faster on CPUs with AMX and on GPUs). "float32": one exact pass.
     search_dtype: str = "float32"
     search_candidates: int = 8
+    # vq: how the decoder's gradient reaches the encoder through the codes: "straight_through" copies it
+    # (Bengio et al. 2013; VQ-VAE), "rotation" rotates it with the code (Fifty et al. 2024).
+    gradient_estimator: str = "straight_through"
     seed: int = 0  # seed of the generator for k-means seeding and restart samples
 
     def __post_init__(self) -> None:
@@ -76,6 +80,10 @@ class QuantizerConfig:
             raise ValueError(f"kind={self.kind!r} is not supported; expected one of {QUANTIZER_KINDS}")
         if self.search_dtype not in SEARCH_DTYPES:
             raise ValueError(f"search_dtype={self.search_dtype!r}; expected one of {SEARCH_DTYPES}")
+        if self.gradient_estimator not in GRADIENT_ESTIMATORS:
+            raise ValueError(
+                f"gradient_estimator={self.gradient_estimator!r}; expected one of {GRADIENT_ESTIMATORS}"
+            )
         if self.kmeans_seeding not in KMEANS_SEEDINGS:
             raise ValueError(f"kmeans_seeding={self.kmeans_seeding!r}; expected one of {KMEANS_SEEDINGS}")
         _check_positive(self, "codebook_size", "kmeans_iters", "usage_window", "search_chunk_size",

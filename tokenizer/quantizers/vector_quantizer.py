@@ -15,6 +15,7 @@ from .base import (
     QuantizerOutput,
     from_tokens,
     make_output,
+    rotation_trick,
     straight_through,
     to_tokens,
     zero_loss,
@@ -77,7 +78,8 @@ class VectorQuantizer(Quantizer):
             commit_loss = self.config.commitment_weight * F.mse_loss(latents, codes.detach())
             codebook_loss = self._codebook_loss(latents, codes)
             entropy_loss = self._entropy_loss(latents, codebook)
-            quantized = self.project_out(straight_through(codes, latents))  # (N, D)
+            estimator = rotation_trick if self.config.gradient_estimator == "rotation" else straight_through
+            quantized = self.project_out(estimator(codes, latents))  # (N, D)
             stats = self._track(latents.detach(), indices)
         return make_output(quantized, indices, (batch, height, width), stats, commit_loss=commit_loss,
                            codebook_loss=codebook_loss, entropy_loss=entropy_loss)
