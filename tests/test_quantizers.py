@@ -15,6 +15,7 @@ from tokenizer.quantizers import (
     build_quantizer,
     search,
 )
+from tokenizer.quantizers.base import rotation_trick
 from tokenizer.quantizers.entropy import entropy_penalty
 from tokenizer.quantizers.search import nearest_codes
 
@@ -202,6 +203,40 @@ def test_backward_after_in_place_codebook_updates(overrides):
 
 
 # ----------------------------------------------------------------------------------------------- search
+def test_rotation_trick_keeps_the_codes_and_rotates_the_gradient():
+    latents = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    codes = torch.randn(6, 5, dtype=torch.float64)
+    upstream = torch.randn(6, 5, dtype=torch.float64)
+    out = rotation_trick(codes, latents)
+    assert torch.equal(out, codes)
+    (out * upstream).sum().backward()
+    for z, q, g, grad in zip(latents.detach(), codes, upstream, latents.grad, strict=True):
+        u, e = z / z.norm(), q / q.norm()
+        w = (u + e) / (u + e).norm()
+        rotation = torch.eye(5, dtype=torch.float64) - 2 * torch.outer(w, w) + 2 * torch.outer(e, u)
+        torch.testing.assert_close(rotation @ u, e)  # R maps the latent's direction onto the code's
+        torch.testing.assert_close(grad, q.norm() / z.norm() * rotation.t() @ g)
+    # a latent already pointing at its code gets the straight-through gradient, scaled by the norm ratio
+    z = torch.randn(1, 5, dtype=torch.float64, requires_grad=True)
+    (rotation_trick(3.0 * z.detach(), z) * upstream[:1]).sum().backward()
+    torch.testing.assert_close(z.grad, 3.0 * upstream[:1])
+
+
+def test_vector_quantizer_gradient_estimator_option():
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    upstream = torch.randn(2, 8, 3, 3)
+    grads = {}
+    for estimator in ("straight_through", "rotation"):
+        torch.manual_seed(0)
+        quantizer = plain_vq(gradient_estimator=estimator)
+        out = quantizer(z)
+        (out.quantized * upstream).sum().backward()
+        grads[estimator], z.grad = z.grad, None
+    assert not torch.allclose(grads["straight_through"], grads["rotation"])
+    with pytest.raises(ValueError, match="gradient_estimator"):
+        QuantizerConfig(gradient_estimator="identity")
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_chunked_search_equals_unchunked_and_brute_force(cosine):
     latents, codebook = torch.randn(300, 16), torch.randn(1000, 16)
