@@ -79,7 +79,8 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--disc_loss", type=str, default="hinge", choices=["hinge", "non_saturating"])
     group.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
     group.add_argument("--lecam_weight", type=float, default=0.0)
-    group.add_argument("--channels_last", action="store_true", help="channels_last memory format (faster convs)")
+    group.add_argument("--channels_last", action="store_true", help="channels_last memory format: faster convolutions on GPUs; on CPUs PyTorch's bf16 "
+                       "GroupNorm is several times slower on it, so measure before using it there")
     group.add_argument("--num_validation_images", type=int, default=16)
     group.add_argument("--max_validation_batches", type=int, default=8)
 
