@@ -86,7 +86,7 @@ def run_quickstart(args: argparse.Namespace) -> dict:
         "--lr_scheduler", "cosine", "--train_batch_size", str(budget["tokenizer_batch"]),
         "--max_train_steps", str(budget["tokenizer_steps"]), "--checkpointing_steps", str(budget["tokenizer_steps"]),
         "--checkpoints_total_limit", "1", "--validation_steps", str(budget["tokenizer_steps"]),
-        "--channels_last", *common,
+        *common,
     ])
     tokenizer_dir = train_tokenizer(tokenizer_args)
     timings["tokenizer_training_s"] = time.perf_counter() - start
