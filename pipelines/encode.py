@@ -236,23 +236,50 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
-    """`vqstack encode --streaming`: one split, streamed from the Hub or a local image folder."""
+    """`vqstack encode --streaming`: train and validation splits, streamed from the Hub or a local image folder."""
     if args.dataset is not None:
         raise ValueError("--streaming reads --dataset_name or --train_data_dir; embedded datasets are small")
     if args.dataset_name:
-        stream = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train", streaming=True)
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=True)
     elif args.train_data_dir:
-        stream = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train", streaming=True)
+        raw = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, streaming=True)
     else:
         raise ValueError("--streaming needs --dataset_name or --train_data_dir")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    encoded = encode_stream(tokenizer, stream, output_dir / "train", resolution=args.resolution,
-                            batch_size=args.batch_size, shard_size=args.shard_size,
-                            image_column=args.image_column or "image", label_column=args.label_column or "label")
+    encoded = {}
+    for name, stream in streaming_splits(raw, args.validation_split).items():
+        encoded[name] = encode_stream(
+            tokenizer, stream, output_dir / name, resolution=args.resolution, batch_size=args.batch_size,
+            shard_size=args.shard_size, image_column=args.image_column or "image",
+            label_column=args.label_column or "label",
+        )
+    labelled = all("label" in split.column_names for split in encoded.values())
     metadata = {"grid_shape": list(tokenizer.token_grid_shape(args.resolution, args.resolution)),
                 "codebook_size": tokenizer.codebook_size, "resolution": args.resolution,
-                "num_classes": 1 + max(encoded["label"]) if "label" in encoded.column_names else 0,
-                "class_names": None, "tokenizer": args.tokenizer, "splits": {"train": len(encoded)}}
+                "num_classes": 1 + max(max(split["label"]) for split in encoded.values()) if labelled else 0,
+                "class_names": None, "tokenizer": args.tokenizer,
+                "splits": {name: len(split) for name, split in encoded.items()}}
     (output_dir / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
     print(json.dumps(metadata, indent=2))
+
+
+def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float) -> dict[str, datasets.IterableDataset]:
+    """"train" and "validation" streams: the source's own validation (or test) split when it has one.
+
+    Otherwise every round(1 / validation_split)-th example of the training stream (positions 0, n, 2n, ...)
+    is held out. Membership depends only on an example's position, so a resumed run splits the same way
+    without reading the stream ahead.
+    """
+    from .data.sources import _pick_splits
+
+    if not 0.0 < validation_split < 1.0:
+        raise ValueError(f"validation_split must lie strictly between 0 and 1, got {validation_split}")
+    train, validation = _pick_splits(raw)
+    if validation is not None:
+        return {"train": train, "validation": validation}
+    period = max(2, round(1.0 / validation_split))
+    return {
+        "train": train.filter(lambda _, index: index % period != 0, with_indices=True),
+        "validation": train.filter(lambda _, index: index % period == 0, with_indices=True),
+    }

@@ -214,5 +214,25 @@ def test_streaming_encode_of_image_folder_resumes(workdir, tmp_path):
     assert len(list((tmp_path / "tokens").glob("train.shards/shard-0000[0-9]"))) == 2
     main(flags)
     tokens, metadata = load_token_dataset(tmp_path / "tokens")
-    assert len(tokens["train"]) == 30 and metadata["num_classes"] == 2
+    # --validation_split 0.05 holds out every 20th image of the stream: positions 0 and 20
+    assert metadata["splits"] == {"train": 28, "validation": 2} and metadata["num_classes"] == 2
+    assert len(tokens["train"]) == 28 and len(tokens["validation"]) == 2
     assert tokens["train"][0]["indices"].shape == (8, 8)
+
+
+def test_streaming_splits_use_the_source_validation_split_or_hold_out_every_nth_example():
+    import datasets
+
+    from pipelines.encode import streaming_splits
+
+    def stream(count):
+        return datasets.IterableDataset.from_generator(lambda: ({"x": i} for i in range(count)))
+
+    own = streaming_splits(datasets.IterableDatasetDict({"train": stream(5), "test": stream(3)}), 0.05)
+    assert [row["x"] for row in own["validation"]] == [0, 1, 2]
+    assert [row["x"] for row in own["train"]] == [0, 1, 2, 3, 4]
+    held = streaming_splits(datasets.IterableDatasetDict({"train": stream(10)}), 0.25)  # every 4th example
+    assert [row["x"] for row in held["validation"]] == [0, 4, 8]
+    assert [row["x"] for row in held["train"]] == [1, 2, 3, 5, 6, 7, 9]
+    with pytest.raises(ValueError, match="validation_split"):
+        streaming_splits(datasets.IterableDatasetDict({"train": stream(3)}), 1.5)
