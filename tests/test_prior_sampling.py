@@ -157,6 +157,29 @@ def test_top_k_one_is_greedy(make_prior):
 
 
 # ------------------------------------------------------------------------------------ likelihood and loss
+def test_cached_and_naive_sampling_agree(make_prior):
+    prior = make_prior(num_classes=3, grid_shape=(3, 5))
+    kwargs = dict(labels=[0, 1, 2], top_k=10, top_p=0.9, guidance_scale=1.5)
+    cached = prior.sample(3, generator=torch.Generator().manual_seed(5), **kwargs)
+    naive = prior.sample(3, generator=torch.Generator().manual_seed(5), use_cache=False, **kwargs)
+    assert cached.shape == (3, 3, 5)
+    assert torch.equal(cached, naive)
+
+
+def test_overfits_a_few_grids(make_prior):
+    torch.manual_seed(0)
+    prior = make_prior(num_classes=2, label_dropout=0.0).train()
+    grids = torch.randint(0, 16, (4, 4, 4))
+    labels = torch.tensor([0, 1, 0, 1])
+    optimizer = torch.optim.Adam(prior.parameters(), lr=3e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        prior(grids, labels).loss.backward()
+        optimizer.step()
+    prior.eval()
+    assert prior.bits_per_token(grids, labels).item() < 0.25 * math.log2(16)
+
+
 def test_log_prob_is_sum_of_forward_token_log_probs(make_prior):
     prior = make_prior(num_classes=2)
     indices, labels = torch.randint(0, 16, (3, 4, 4)), torch.tensor([0, 1, 1])
