@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..config_fields import check_field_types, dataclass_from_dict
+
 QUANTIZER_KINDS = ("vq", "fsq", "lfq")
 SEARCH_DTYPES = ("float32", "bfloat16")
 GRADIENT_ESTIMATORS = ("straight_through", "rotation")
@@ -75,7 +77,8 @@ class QuantizerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.fsq_levels, list):
             self.fsq_levels = tuple(self.fsq_levels)
-        _check_types(self)
+        check_field_types(self)
+        _floats_as_float(self)
         if self.kind not in QUANTIZER_KINDS:
             raise ValueError(f"kind={self.kind!r} is not supported; expected one of {QUANTIZER_KINDS}")
         if self.search_dtype not in SEARCH_DTYPES:
@@ -137,39 +140,15 @@ class QuantizerConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantizerConfig:
         """Build a config from `to_dict()` output; unknown keys and wrong types raise errors."""
-        if not isinstance(data, dict):
-            raise TypeError(f"data must be a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown QuantizerConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, source="quantizer config")
 
 
-# Expected runtime types per field; bool is checked apart because bool is a subclass of int.
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {}
-
-
-def _expected_types(annotation: str) -> tuple[type, ...]:
-    names = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None), "tuple[int, ...]": tuple}
-    return tuple(names[part.strip()] for part in annotation.split("|"))
-
-
-def _check_types(config: QuantizerConfig) -> None:
-    if not _FIELD_TYPES:
-        _FIELD_TYPES.update({f.name: _expected_types(f.type) for f in dataclasses.fields(config)})
-    for name, expected in _FIELD_TYPES.items():
-        value = getattr(config, name)
-        if float in expected and isinstance(value, int) and not isinstance(value, bool):
-            setattr(config, name, float(value))  # JSON writes 1.0 as 1; accept ints for float fields
-            continue
-        if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
-            wanted = " or ".join(t.__name__ for t in expected)
-            raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected {wanted}")
-        if name == "fsq_levels" and value is not None and not all(
-            isinstance(level, int) and not isinstance(level, bool) for level in value
-        ):
-            raise TypeError(f"fsq_levels={value!r} must contain only ints")
+def _floats_as_float(config: QuantizerConfig) -> None:
+    """JSON writes 1.0 as 1: store ints given for float fields as floats (the types were checked before)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, field.name, float(value))
 
 
 def _check_positive(config: QuantizerConfig, *names: str) -> None:
