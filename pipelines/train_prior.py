@@ -23,14 +23,18 @@ from .training import (
     ExponentialMovingAverage,
     NonFiniteGuard,
     add_common_training_args,
+    append_validation_metrics,
+    apply_gradients,
     batches,
     check_common_args,
     evaluation_dataloader,
+    export_trained_model,
+    init_trackers,
     make_accelerator,
     make_scheduler,
     maybe_resume,
     progress_bar,
-    save_training_checkpoint,
+    run_training_steps,
     training_dataloader,
     unwrap_float32,
 )
@@ -121,28 +125,25 @@ def train_prior(args: argparse.Namespace) -> Path:
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     step = maybe_resume(accelerator, args, guard, extra_state)
     tokenizer = _load_tokenizer(args, metadata)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("vqstack-prior", config={k: v for k, v in vars(args).items()
-                                                         if isinstance(v, (int, float, str, bool))})
-    bar = progress_bar(accelerator, args, step, f"prior ({args.prior})")
-    data = batches(accelerator, train_loader, step)
-    metrics: dict = {}
-    while step < args.max_train_steps:
-        for _ in range(args.gradient_accumulation_steps):
-            loss = _train_micro_step(accelerator, model, optimizer, scheduler, next(data), args, guard)
-        step += 1
-        if ema is not None:
-            ema.update(unwrap_float32(accelerator, model))
-        bar.update(1)
+    init_trackers(accelerator, args, "vqstack-prior")
+
+    def report(loss: float | None, step: int) -> None:
         if loss is not None:
             bar.set_postfix(bits_per_token=f"{loss / math.log(2):.3f}")
             accelerator.log({"train/bits_per_token": loss / math.log(2), "lr": scheduler.get_last_lr()[0]}, step=step)
-        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            save_training_checkpoint(accelerator, args, step, guard, extra_state, model)
-        if step % args.validation_steps == 0 or step == args.max_train_steps:
-            metrics = _validate(accelerator, model, val_loader, tokenizer, metadata, args, step)
-    bar.close()
-    return _export(accelerator, model, ema, args, metrics, step)
+
+    bar = progress_bar(accelerator, args, step, f"prior ({args.prior})")
+    step, metrics = run_training_steps(
+        accelerator, args, model, step=step, data=batches(accelerator, train_loader, step), guard=guard,
+        extra_state=extra_state, ema=ema, bar=bar,
+        micro_step=lambda batch, _: _train_micro_step(accelerator, model, optimizer, scheduler, batch, args, guard),
+        report=report, validate=lambda step: _validate(accelerator, model, val_loader, tokenizer, metadata, args, step),
+    )
+
+    def annotate(prior: Prior) -> None:
+        prior.training_metrics = {"train_steps": float(step), **{f"validation_{k}": v for k, v in metrics.items()}}
+
+    return export_trained_model(accelerator, model, ema, args, "prior", annotate)
 
 
 def _train_micro_step(accelerator, model, optimizer, scheduler, batch, args, guard) -> float | None:
@@ -153,12 +154,7 @@ def _train_micro_step(accelerator, model, optimizer, scheduler, batch, args, gua
         if guard.is_bad(accelerator, loss):
             optimizer.zero_grad(set_to_none=True)
             return None
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(accelerator, model, loss, optimizer, scheduler, args)
     return float(loss.detach())
 
 
@@ -184,10 +180,7 @@ def _validate(accelerator, model, val_loader, tokenizer, metadata, args, step) -
     metrics = evaluate_prior(prior, val_loader, accelerator)
     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
-        folder = Path(args.output_dir) / "validation"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        folder = append_validation_metrics(args, step, metrics)
         accelerator.print(f"step {step}: held-out bits/token {metrics['bits_per_token']:.4f}")
         if tokenizer is not None:
             _save_samples(prior, tokenizer, args, folder / f"samples-{step:06d}.png")
@@ -218,21 +211,6 @@ def _load_tokenizer(args, metadata):
         raise ValueError(f"--tokenizer has {tokenizer.codebook_size} codes but the tokens in {args.tokens_dir} use "
                          f"{metadata['codebook_size']}")
     return tokenizer
-
-
-def _export(accelerator, model, ema, args, metrics, step) -> Path:
-    accelerator.wait_for_everyone()
-    folder = Path(args.output_dir) / "prior"
-    if accelerator.is_main_process:
-        prior = unwrap_float32(accelerator, model)
-        if ema is not None:
-            ema.copy_to(prior)
-        prior.training_metrics = {"train_steps": float(step), **{f"validation_{k}": v for k, v in metrics.items()}}
-        prior.save_pretrained(folder)
-        if args.push_to_hub:
-            prior.push_to_hub(args.hub_model_id, token=args.hub_token)
-    accelerator.end_training()
-    return folder
 
 
 def main(argv: list[str] | None = None) -> None:

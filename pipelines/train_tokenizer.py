@@ -7,7 +7,6 @@ one CPU, one GPU or many processes. Checkpoints are atomic and a resumed run rep
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -23,14 +22,18 @@ from .training import (
     ExponentialMovingAverage,
     NonFiniteGuard,
     add_common_training_args,
+    append_validation_metrics,
+    apply_gradients,
     batches,
     check_common_args,
     evaluation_dataloader,
+    export_trained_model,
+    init_trackers,
     make_accelerator,
     make_scheduler,
     maybe_resume,
     progress_bar,
-    save_training_checkpoint,
+    run_training_steps,
     training_dataloader,
     unwrap_float32,
 )
@@ -150,30 +153,31 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     extra_state = {"loss": loss_fn, **({"ema": ema} if ema else {})}
     guard = NonFiniteGuard(args.max_nonfinite_steps)
     step = maybe_resume(accelerator, args, guard, extra_state)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("vqstack-tokenizer", config={k: v for k, v in vars(args).items()
-                                                             if isinstance(v, (int, float, str, bool))})
-    bar = progress_bar(accelerator, args, step, "tokenizer")
-    data = batches(accelerator, train_loader, step)
-    last_metrics: dict = {}
-    while step < args.max_train_steps:
-        for _ in range(args.gradient_accumulation_steps):
-            batch = next(data)
-            logs = _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_optimizer, batch, step,
-                                     args, guard)
-        step += 1
-        if ema is not None:
-            ema.update(unwrap_float32(accelerator, model))
-        bar.update(1)
+    init_trackers(accelerator, args, "vqstack-tokenizer")
+
+    def micro_step(batch: dict, step: int) -> dict:
+        return _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_optimizer, batch, step, args,
+                                 guard)
+
+    def report(logs: dict, step: int) -> None:
         bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "rec", "usage", "perplexity")})
         accelerator.log(logs, step=step)
-        # Checkpoint before validating, so that the saved RNG state is the one training continues from.
-        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            save_training_checkpoint(accelerator, args, step, guard, extra_state, model)
-        if step % args.validation_steps == 0 or step == args.max_train_steps:
-            last_metrics = _validate(accelerator, model, val_loader, args, step, loss_fn.perceptual)
-    bar.close()
-    return _export(accelerator, model, ema, args, source, step, last_metrics, guard)
+
+    bar = progress_bar(accelerator, args, step, "tokenizer")
+    step, last_metrics = run_training_steps(
+        accelerator, args, model, step=step, data=batches(accelerator, train_loader, step), guard=guard,
+        extra_state=extra_state, ema=ema, bar=bar, micro_step=micro_step, report=report,
+        validate=lambda step: _validate(accelerator, model, val_loader, args, step, loss_fn.perceptual),
+    )
+
+    def annotate(tokenizer: VQTokenizer) -> None:
+        tokenizer.training_info = {
+            "dataset": source, "resolution": args.resolution, "train_steps": step,
+            "batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+            "ema_weights": bool(ema), "skipped_nonfinite_steps": guard.skipped, "validation": last_metrics,
+        }
+
+    return export_trained_model(accelerator, model, ema, args, "tokenizer", annotate)
 
 
 def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_optimizer, batch, step, args, guard):
@@ -188,12 +192,7 @@ def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_op
         if guard.is_bad(accelerator, loss):
             optimizer.zero_grad(set_to_none=True)
             return {"skipped_nonfinite_steps": guard.skipped}
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(accelerator, model, loss, optimizer, scheduler, args)
         if disc_optimizer is not None and loss_fn.discriminator_active(step):
             # The generator's GAN term also left gradients on the discriminator: clear them first.
             disc_optimizer.zero_grad(set_to_none=True)
@@ -227,31 +226,10 @@ def _validate(accelerator, model, val_loader, args, step, perceptual) -> dict:
     if accelerator.is_main_process:
         count = min(args.num_validation_images, originals.shape[0])
         grid = image_grid(torch.cat([originals[:count], reconstructions[:count]]), columns=count, scale=2)
-        folder = Path(args.output_dir) / "validation"
+        folder = append_validation_metrics(args, step, metrics)
         save_image(grid, folder / f"reconstructions-{step:06d}.png")
-        with open(folder / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
         accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return metrics
-
-
-def _export(accelerator, model, ema, args, source, step, metrics, guard) -> Path:
-    accelerator.wait_for_everyone()
-    folder = Path(args.output_dir) / "tokenizer"
-    if accelerator.is_main_process:
-        tokenizer = unwrap_float32(accelerator, model)
-        if ema is not None:
-            ema.copy_to(tokenizer)
-        tokenizer.training_info = {
-            "dataset": source, "resolution": args.resolution, "train_steps": step,
-            "batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-            "ema_weights": bool(ema), "skipped_nonfinite_steps": guard.skipped, "validation": metrics,
-        }
-        tokenizer.save_pretrained(folder)
-        if args.push_to_hub:
-            tokenizer.push_to_hub(args.hub_model_id, token=args.hub_token)
-    accelerator.end_training()
-    return folder
 
 
 def main(argv: list[str] | None = None) -> None:

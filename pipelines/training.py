@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +250,75 @@ def progress_bar(accelerator: Accelerator, args: argparse.Namespace, start: int,
 
     return tqdm(total=args.max_train_steps, initial=start, desc=description,
                 disable=args.no_progress or not accelerator.is_local_main_process, dynamic_ncols=True)
+
+
+def init_trackers(accelerator: Accelerator, args: argparse.Namespace, project: str) -> None:
+    """Start the --report_to trackers with the run's scalar arguments as its config (main process only)."""
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project, config={k: v for k, v in vars(args).items()
+                                                   if isinstance(v, (int, float, str, bool))})
+
+
+def apply_gradients(accelerator: Accelerator, model: nn.Module, loss: torch.Tensor, optimizer, scheduler,
+                    args: argparse.Namespace) -> None:
+    """Backward, clip (when --max_grad_norm > 0, at the accumulation boundary), optimizer and scheduler step."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and args.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_training_steps(accelerator: Accelerator, args: argparse.Namespace, model: nn.Module, *, step: int,
+                       data: Iterator[Any], guard: NonFiniteGuard, extra_state: dict[str, Any],
+                       ema: ExponentialMovingAverage | None, bar, micro_step: Callable[[Any, int], Any],
+                       report: Callable[[Any, int], None], validate: Callable[[int], dict]) -> tuple[int, dict]:
+    """The step loop shared by every trainer, from `step` to --max_train_steps; returns (step, last metrics).
+
+    Each step runs --gradient_accumulation_steps calls of `micro_step(batch, step)`, updates the EMA, and hands
+    the last micro step's result to `report(result, step)`. The checkpoint is written before validation runs,
+    so that its saved RNG state is the one training continues from (resuming equals an uninterrupted run).
+    """
+    metrics: dict = {}
+    while step < args.max_train_steps:
+        for _ in range(args.gradient_accumulation_steps):
+            result = micro_step(next(data), step)
+        step += 1
+        if ema is not None:
+            ema.update(unwrap_float32(accelerator, model))
+        bar.update(1)
+        report(result, step)
+        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            save_training_checkpoint(accelerator, args, step, guard, extra_state, model)
+        if step % args.validation_steps == 0 or step == args.max_train_steps:
+            metrics = validate(step)
+    bar.close()
+    return step, metrics
+
+
+def append_validation_metrics(args: argparse.Namespace, step: int, metrics: dict) -> Path:
+    """Append `{"step": step, **metrics}` to <output_dir>/validation/metrics.jsonl; returns the folder."""
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": step, **metrics}) + "\n")
+    return folder
+
+
+def export_trained_model(accelerator: Accelerator, model: nn.Module, ema: ExponentialMovingAverage | None,
+                         args: argparse.Namespace, name: str, annotate: Callable[[nn.Module], None]) -> Path:
+    """Save the trained model (EMA weights when kept) to <output_dir>/<name>, push it with --push_to_hub, and end
+    the trackers. `annotate(model)` attaches the run's metadata before saving."""
+    accelerator.wait_for_everyone()
+    folder = Path(args.output_dir) / name
+    if accelerator.is_main_process:
+        trained = unwrap_float32(accelerator, model)
+        if ema is not None:
+            ema.copy_to(trained)
+        annotate(trained)
+        trained.save_pretrained(folder)
+        if args.push_to_hub:
+            trained.push_to_hub(args.hub_model_id, token=args.hub_token)
+    accelerator.end_training()
+    return folder
