@@ -8,11 +8,12 @@ steps at the same learning rate, with the same loss (L1 reconstruction + the sys
   arithmetic in float32 inside autocast by design. Tensors stay in the default (NCHW) layout: on this CPU
   PyTorch's GroupNorm is about 5x slower on channels_last bf16 tensors than on NCHW ones, which costs more
   than channels_last saves in the convolutions (measured: 31.4 vs 34.0 img/s).
-- diffusers `VQModel` with the same depth and widths (vanilla VQ), in float32 as a user would run it, and under
-  bf16 autocast as an extra row.
-- the vqstack autoencoder with vector-quantize-pytorch's `VectorQuantize` (EMA, k-means init, cosine lookup,
-  dead-code threshold 2, its default rotation-trick gradient) as its quantizer, in float32, and under bf16
-  autocast as an extra row.
+- the peers the targets compare against: diffusers `VQModel` with the same depth and widths (vanilla VQ), and
+  the same `VQModel` autoencoder with vector-quantize-pytorch's `VectorQuantize` (EMA, k-means init, cosine
+  lookup, dead-code threshold 2, its default rotation-trick gradient) in place of its codebook. Each in float32
+  as a user would run it, and under bf16 autocast as an extra row.
+- an ablation row, not a peer: the vqstack autoencoder with vector-quantize-pytorch's `VectorQuantize` as its
+  quantizer, in float32. Against the vqstack row it isolates what the vqstack quantizer adds on its own.
 - `--proposal`: the vqstack row again with a proposed change to the tokenizer applied on a local copy of the
   model (see `apply_zero_init_residuals`), to measure the change before it lands in `tokenizer/`.
 
@@ -73,30 +74,60 @@ class VQStackAutoencoder(nn.Module):
         return out.reconstruction, out.indices, out.quantizer_loss
 
 
+def diffusers_vq_model(config: VQTokenizerConfig) -> nn.Module:
+    """diffusers `VQModel` with the layout of the vqstack preset.
+
+    Widths per level, ResNet blocks per level (the diffusers decoder also uses one more per level), mid-block
+    attention, GroupNorm groups, latent channels and codebook size all come from the vqstack config.
+    """
+    from diffusers import VQModel
+
+    levels = len(config.channel_multipliers)
+    return VQModel(
+        in_channels=config.in_channels,
+        out_channels=config.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(config.base_channels * m for m in config.channel_multipliers),
+        layers_per_block=config.num_res_blocks,
+        latent_channels=config.latent_channels,
+        vq_embed_dim=config.latent_channels,
+        num_vq_embeddings=config.codebook_size,
+        norm_num_groups=config.norm_groups,
+        mid_block_add_attention=config.mid_attention,
+        sample_size=RESOLUTION,
+    )
+
+
+def vqp_quantizer(config: VQTokenizerConfig) -> nn.Module:
+    """vector-quantize-pytorch's `VectorQuantize` with the options of the vqstack default quantizer it offers.
+
+    EMA (decay 0.99), k-means init, cosine lookup, dead-code restarts (its recommended threshold of 2 uses per
+    step); its default rotation-trick gradient.
+    """
+    from vector_quantize_pytorch import VectorQuantize
+
+    return VectorQuantize(
+        dim=config.latent_channels, codebook_size=config.codebook_size, decay=0.99, kmeans_init=True,
+        use_cosine_sim=True, threshold_ema_dead_code=2,
+    )
+
+
+def vqp_quantize(quantizer: nn.Module, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, D, h, w) latents through a `VectorQuantize`: quantized (B, D, h, w), indices (B, h, w), loss."""
+    batch, dim, height, width = latents.shape
+    tokens = latents.permute(0, 2, 3, 1).reshape(batch, height * width, dim)  # (B, h*w, D)
+    quantized, indices, vq_loss = quantizer(tokens)
+    quantized = quantized.reshape(batch, height, width, dim).permute(0, 3, 1, 2)  # (B, D, h, w)
+    return quantized, indices.reshape(batch, height, width), vq_loss.sum()
+
+
 class DiffusersAutoencoder(nn.Module):
     """diffusers `VQModel` (encoder, quant_conv, vanilla VQ, post_quant_conv, decoder)."""
 
     def __init__(self, config: VQTokenizerConfig) -> None:
         super().__init__()
-        from diffusers import VQModel
-
-        levels = len(config.channel_multipliers)
-        # The same layout as the vqstack preset: widths per level, ResNet blocks per level (the diffusers decoder
-        # also uses one more per level), mid-block attention, GroupNorm groups, latent channels, codebook size.
-        self.model = VQModel(
-            in_channels=config.in_channels,
-            out_channels=config.in_channels,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=tuple(config.base_channels * m for m in config.channel_multipliers),
-            layers_per_block=config.num_res_blocks,
-            latent_channels=config.latent_channels,
-            vq_embed_dim=config.latent_channels,
-            num_vq_embeddings=config.codebook_size,
-            norm_num_groups=config.norm_groups,
-            mid_block_add_attention=config.mid_attention,
-            sample_size=RESOLUTION,
-        )
+        self.model = diffusers_vq_model(config)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         latents = self.model.encode(images).latents  # (B, D, h, w)
@@ -106,29 +137,33 @@ class DiffusersAutoencoder(nn.Module):
         return reconstruction, indices.reshape(batch, height, width), vq_loss
 
 
-class VQPAutoencoder(nn.Module):
-    """The vqstack encoder and decoder around vector-quantize-pytorch's `VectorQuantize`."""
+class DiffusersVQPAutoencoder(nn.Module):
+    """The `VQModel` autoencoder (encoder, quant_conv, post_quant_conv, decoder) around vector-quantize-pytorch."""
 
     def __init__(self, config: VQTokenizerConfig) -> None:
         super().__init__()
-        from vector_quantize_pytorch import VectorQuantize
-
-        tokenizer = VQTokenizer(config)
-        self.encoder, self.decoder = tokenizer.encoder, tokenizer.decoder
-        # The options of the vqstack default quantizer that the library offers: EMA (decay 0.99), k-means init,
-        # cosine lookup, dead-code restarts (its recommended threshold of 2 uses per step).
-        self.quantizer = VectorQuantize(
-            dim=config.latent_channels, codebook_size=config.codebook_size, decay=0.99, kmeans_init=True,
-            use_cosine_sim=True, threshold_ema_dead_code=2,
-        )
+        model = diffusers_vq_model(config)
+        self.encoder, self.quant_conv = model.encoder, model.quant_conv
+        self.post_quant_conv, self.decoder = model.post_quant_conv, model.decoder
+        self.quantizer = vqp_quantizer(config)  # replaces the VQModel's own codebook
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        latents = self.encoder(images)  # (B, D, h, w)
-        batch, dim, height, width = latents.shape
-        tokens = latents.permute(0, 2, 3, 1).reshape(batch, height * width, dim)  # (B, h*w, D)
-        quantized, indices, vq_loss = self.quantizer(tokens)
-        quantized = quantized.reshape(batch, height, width, dim).permute(0, 3, 1, 2)  # (B, D, h, w)
-        return self.decoder(quantized), indices.reshape(batch, height, width), vq_loss.sum()
+        quantized, indices, vq_loss = vqp_quantize(self.quantizer, self.quant_conv(self.encoder(images)))
+        return self.decoder(self.post_quant_conv(quantized)), indices, vq_loss
+
+
+class VQPAutoencoder(nn.Module):
+    """The vqstack encoder and decoder around vector-quantize-pytorch's `VectorQuantize` (the ablation row)."""
+
+    def __init__(self, config: VQTokenizerConfig) -> None:
+        super().__init__()
+        tokenizer = VQTokenizer(config)
+        self.encoder, self.decoder = tokenizer.encoder, tokenizer.decoder
+        self.quantizer = vqp_quantizer(config)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        quantized, indices, vq_loss = vqp_quantize(self.quantizer, self.encoder(images))
+        return self.decoder(quantized), indices, vq_loss
 
 
 def apply_zero_init_residuals(model: nn.Module) -> nn.Module:
@@ -157,27 +192,37 @@ class SystemSpec:
     build: Callable[[], nn.Module]
     bf16: bool  # bf16 autocast (AMX matmuls and convs on this CPU)
     channels_last: bool
-    is_vqstack: bool
+    role: str  # "vqstack", "peer" (what the targets compare against) or "ablation" (reported, not a peer)
     codebook_size: int
 
 
 def system_specs(config: VQTokenizerConfig, *, proposal: bool) -> list[SystemSpec]:
-    """The benchmark rows: vqstack, its two peers in float32, and the peers under bf16 as extra rows."""
+    """The benchmark rows.
+
+    The peers are the two systems the targets name: diffusers `VQModel` (vanilla VQ) and the same `VQModel`
+    autoencoder with vector-quantize-pytorch as its quantizer, each in float32 and, as extra rows, under bf16
+    autocast. The ablation row puts vector-quantize-pytorch inside the vqstack autoencoder instead: it isolates
+    what the vqstack quantizer adds on its own, and is reported next to the peers but is not one of them.
+    """
     size = config.codebook_size
 
     def vqstack() -> nn.Module:
         return VQStackAutoencoder(VQTokenizer(config))
 
     specs = [
-        SystemSpec("vqstack (default)", vqstack, True, False, True, size),
-        SystemSpec("diffusers VQModel", lambda: DiffusersAutoencoder(config), False, False, False, size),
-        SystemSpec("diffusers VQModel", lambda: DiffusersAutoencoder(config), True, False, False, size),
-        SystemSpec("vqstack AE + vector-quantize-pytorch", lambda: VQPAutoencoder(config), False, False, False, size),
-        SystemSpec("vqstack AE + vector-quantize-pytorch", lambda: VQPAutoencoder(config), True, False, False, size),
+        SystemSpec("vqstack (default)", vqstack, True, False, "vqstack", size),
+        SystemSpec("diffusers VQModel", lambda: DiffusersAutoencoder(config), False, False, "peer", size),
+        SystemSpec("diffusers VQModel", lambda: DiffusersAutoencoder(config), True, False, "peer", size),
+        SystemSpec("VQModel AE + vector-quantize-pytorch", lambda: DiffusersVQPAutoencoder(config), False, False,
+                   "peer", size),
+        SystemSpec("VQModel AE + vector-quantize-pytorch", lambda: DiffusersVQPAutoencoder(config), True, False,
+                   "peer", size),
+        SystemSpec("vqstack AE + vector-quantize-pytorch (ablation)", lambda: VQPAutoencoder(config), False, False,
+                   "ablation", size),
     ]
     if proposal:
         specs.insert(1, SystemSpec("vqstack + zero-init residuals (proposal)",
-                                   lambda: apply_zero_init_residuals(vqstack()), True, False, True, size))
+                                   lambda: apply_zero_init_residuals(vqstack()), True, False, "vqstack", size))
     return specs
 
 
@@ -245,7 +290,7 @@ class Result:
 
     name: str
     precision: str
-    is_vqstack: bool
+    role: str
     parameters: int
     images_per_s: float
     psnr: float
@@ -289,7 +334,7 @@ def run(specs: list[SystemSpec], train: Tensor, validation: Tensor, *, steps: in
     results = []
     for system, loss in zip(systems, losses):
         quality = evaluate(system, validation)
-        results.append(Result(system.spec.name, system.precision, system.spec.is_vqstack,
+        results.append(Result(system.spec.name, system.precision, system.spec.role,
                               sum(p.numel() for p in system.model.parameters()),
                               steady_images_per_s(system, batch_size, warmup_steps), *quality, loss))
     return results
@@ -312,7 +357,7 @@ def load_patches(num_train: int, num_validation: int, seed: int) -> tuple[Tensor
 def print_results(results: list[Result], *, steps: int, batch_size: int, warmup_steps: int,
                   num_train: int, num_validation: int) -> None:
     """The results table, then the targets table."""
-    peers = [r for r in results if not r.is_vqstack]
+    peers = [r for r in results if r.role == "peer"]
     best_psnr = max(r.psnr for r in peers)
     best_speed = max(r.images_per_s for r in peers)
     print(f"\n### Tokenizer training at a fixed budget: {steps} Adam steps (lr {LEARNING_RATE:g}), batch {batch_size}, "
@@ -321,11 +366,11 @@ def print_results(results: list[Result], *, steps: int, batch_size: int, warmup_
           f"(natural-patches), metrics on {num_validation} held-out patches from other photos, float32 eval. "
           f"Train images/s: median step after {warmup_steps} warm-up steps. Ratios are against the best peer "
           f"row: the fastest for images/s, the highest PSNR for PSNR.\n")
-    print("| system | precision | params | train img/s | PSNR (dB) | SSIM | usage | perplexity | final loss "
+    print("| system | role | precision | params | train img/s | PSNR (dB) | SSIM | usage | perplexity | final loss "
           "| img/s vs best peer | PSNR vs best peer |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r.name} | {r.precision} | {r.parameters / 1e6:.2f}M | {r.images_per_s:.1f} | {r.psnr:.2f} "
+        print(f"| {r.name} | {r.role} | {r.precision} | {r.parameters / 1e6:.2f}M | {r.images_per_s:.1f} | {r.psnr:.2f} "
               f"| {r.ssim:.3f} | {100 * r.usage:.1f}% | {r.perplexity:.0f} | {r.final_loss:.3f} "
               f"| {r.images_per_s / best_speed:.2f}x | {r.psnr - best_psnr:+.2f} dB |")
     print_targets(results)
@@ -333,14 +378,14 @@ def print_results(results: list[Result], *, steps: int, batch_size: int, warmup_
 
 def print_targets(results: list[Result]) -> None:
     """One line per vqstack row: each target, met or not, with the measured margin."""
-    peers = [r for r in results if not r.is_vqstack]
+    peers = [r for r in results if r.role == "peer"]
     best_psnr = max(r.psnr for r in peers)
     fp32_peers = [r for r in peers if r.precision == "fp32"] or peers
     print("\n### Targets\n")
     print("| vqstack row | PSNR >= best peer + 1.5 dB | usage >= 99% | img/s >= 1.5x fastest fp32 peer "
           "| img/s >= 1.5x fastest peer (any precision) | params within 10% of every peer |")
     print("|---|---|---|---|---|---|")
-    for r in (r for r in results if r.is_vqstack):
+    for r in (r for r in results if r.role == "vqstack"):
         speed_fp32 = r.images_per_s / max(p.images_per_s for p in fp32_peers)
         speed_all = r.images_per_s / max(p.images_per_s for p in peers)
         worst_mismatch = max(abs(p.parameters - r.parameters) / r.parameters for p in peers)
@@ -349,6 +394,14 @@ def print_targets(results: list[Result]) -> None:
               f"| {_verdict(speed_fp32 >= TARGET_SPEEDUP)} ({speed_fp32:.2f}x) "
               f"| {_verdict(speed_all >= TARGET_SPEEDUP)} ({speed_all:.2f}x) "
               f"| {_verdict(worst_mismatch <= PARAMETER_TOLERANCE)} (max {100 * worst_mismatch:.1f}%) |")
+    ablations = [r for r in results if r.role == "ablation"]
+    if ablations:
+        print("\nAblation (not a target): the vqstack quantizer against vector-quantize-pytorch inside the same "
+              "vqstack autoencoder.\n")
+        for r in (r for r in results if r.role == "vqstack"):
+            for a in ablations:
+                print(f"- {r.name} vs {a.name}: PSNR {r.psnr - a.psnr:+.2f} dB, usage {100 * r.usage:.1f}% vs "
+                      f"{100 * a.usage:.1f}%, img/s {r.images_per_s / a.images_per_s:.2f}x")
 
 
 def _verdict(passed: bool) -> str:
