@@ -13,7 +13,7 @@ from importlib import import_module
 COMMANDS = {
     "quickstart": ("pipelines.quickstart", "train a tokenizer and a prior on an embedded dataset, then sample"),
     "train-tokenizer": ("pipelines.train_tokenizer", "train an image tokenizer (accelerate-launchable)"),
-    "evaluate-tokenizer": ("pipelines.evaluate", "PSNR / SSIM / codebook usage of a saved tokenizer, as JSON"),
+    "evaluate-tokenizer": ("pipelines.evaluate", "PSNR / SSIM / codebook usage (+ LPIPS, rFID with local weights) of a saved tokenizer, as JSON"),
     "encode": ("pipelines.encode", "pre-tokenize an image dataset into index grids"),
     "train-prior": ("pipelines.train_prior", "train a PixelCNN or Transformer prior on index grids"),
     "generate": ("pipelines.generation", "sample images with a saved pipeline; writes PNGs and a grid"),

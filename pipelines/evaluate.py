@@ -1,4 +1,5 @@
-"""Evaluation of a tokenizer on a dataset: PSNR, SSIM, codebook usage / perplexity, LPIPS when available."""
+"""Evaluation of a tokenizer on a dataset: PSNR, SSIM, codebook usage / perplexity, and LPIPS and rFID when
+their weights are available locally."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from .metrics import CodeHistogram, psnr, ssim
 
 @torch.no_grad()
 def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelerator | None = None,
-                       max_batches: int | None = None, perceptual=None) -> tuple[dict[str, Any], tuple]:
+                       max_batches: int | None = None, perceptual=None, fid=None) -> tuple[dict[str, Any], tuple]:
     """Reconstruction metrics over `dataloader` (batches with "pixel_values").
 
     Returns (metrics, (first originals, first reconstructions)) — the pair feeds a validation grid.
     Across processes, per-image values and code ids are gathered, so the numbers cover the whole dataset.
-    `perceptual` is an optional callable (e.g. `LPIPSLoss`) returning the mean distance of a batch.
+    `perceptual` is an optional callable (e.g. `LPIPSLoss`) returning the mean distance of a batch; `fid` an
+    optional `ReconstructionFID`, fed every batch and reported as "rfid".
     """
     was_training = tokenizer.training
     tokenizer.eval()
@@ -36,6 +38,8 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
         indices = out.indices
         if perceptual is not None:
             lpips_values.append(float(perceptual(reconstruction, pixels)))
+        if fid is not None:
+            fid.update(pixels, reconstruction)
         if accelerator is not None:
             per_image = accelerator.gather_for_metrics(per_image)
             indices = accelerator.gather_for_metrics(indices)
@@ -56,6 +60,8 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
     }
     if lpips_values:
         metrics["lpips"] = sum(lpips_values) / len(lpips_values)
+    if fid is not None:
+        metrics["rfid"] = fid.compute()
     return metrics, first
 
 
@@ -71,6 +77,9 @@ def build_parser():
     parser.add_argument("--max_batches", type=int, default=None)
     parser.add_argument("--lpips_weights", type=str, default=None,
                         help="torchvision VGG16 weights file; LPIPS is reported when these (or the cached ones) exist")
+    parser.add_argument("--fid_weights", type=str, default=None,
+                        help="FID Inception-v3 weights file (torch-fidelity's weights-inception-2015-12-05-*.pth); "
+                             "rFID is reported when these (or the ones in torch hub's cache) exist")
     parser.add_argument("--output", type=str, default=None, help="also write the JSON here")
     parser.add_argument("--seed", type=int, default=0)
     add_data_args(parser)
@@ -79,6 +88,7 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> None:
     import json
+    import sys
     from pathlib import Path
 
     from torch.utils.data import DataLoader
@@ -86,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizer.losses import LPIPSLoss, lpips_available
 
     from .data import collate_images
+    from .fid import ReconstructionFID, fid_weights_cache_path, resolve_fid_weights
     from .train_tokenizer import load_data
 
     args = build_parser().parse_args(argv)
@@ -93,10 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     datasets, _, source = load_data(args, tokenizer.config.in_channels)
     loader = DataLoader(datasets[args.split], batch_size=args.batch_size, collate_fn=collate_images)
     perceptual = LPIPSLoss(trunk_weights=args.lpips_weights) if lpips_available(trunk_weights=args.lpips_weights) else None
-    metrics, _ = evaluate_tokenizer(tokenizer, loader, max_batches=args.max_batches, perceptual=perceptual)
+    fid_weights = resolve_fid_weights(args.fid_weights)
+    fid = ReconstructionFID(weights=fid_weights) if fid_weights is not None else None
+    metrics, _ = evaluate_tokenizer(tokenizer, loader, max_batches=args.max_batches, perceptual=perceptual, fid=fid)
     metrics.update(tokenizer=args.tokenizer, dataset=source, split=args.split, resolution=args.resolution)
     if perceptual is None:
         metrics["lpips"] = None  # the VGG16 trunk is not available locally (see --lpips_weights)
+    if fid is None:
+        metrics["rfid"] = None
+        print(f"rFID not computed: no FID Inception weights at {fid_weights_cache_path()}; pass --fid_weights PATH",
+              file=sys.stderr)
     text = json.dumps(metrics, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")

@@ -39,3 +39,22 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fid_weights_file(tmp_path_factory):
+    """A randomly initialized state dict of torch-fidelity's FID Inception-v3, saved like the real weights file.
+
+    Built without the network: the download inside the constructor is replaced by the module's own random
+    initialization. It exercises the real architecture and loading path; its distances are not real FIDs.
+    """
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+    with mock.patch.object(inception, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        network = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("fid") / "weights-inception-random.pth"
+    torch.save(network.state_dict(), path)
+    return path

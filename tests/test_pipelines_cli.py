@@ -1,6 +1,7 @@
 """End to end on tiny settings: every `vqstack` subcommand, the generation pipeline, pushing, many processes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -142,12 +143,25 @@ def test_generate_and_reconstruct_commands(workdir, tmp_path, capsys):
               "--output_dir", str(tmp_path / "rec")])
 
 
-def test_evaluate_tokenizer_command(workdir, tmp_path, capsys):
+def test_evaluate_tokenizer_command(workdir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))  # no cached weights
     main(["evaluate-tokenizer", "--tokenizer", str(workdir / "tok" / "tokenizer"), "--dataset", "digits",
           "--max_batches", "2", "--batch_size", "16", "--output", str(tmp_path / "m.json")])
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["num_images"] == 32 and 0 < metrics["codebook_usage"] <= 1 and metrics["psnr"] > 0
-    assert metrics["lpips"] is None  # no VGG16 trunk on this machine
+    assert metrics["lpips"] is None and metrics["rfid"] is None  # no VGG16 trunk, no FID Inception weights
+    assert "--fid_weights PATH" in capsys.readouterr().err
+
+
+def test_evaluate_tokenizer_reports_rfid_with_local_inception_weights(workdir, tmp_path, fid_weights_file):
+    main(["evaluate-tokenizer", "--tokenizer", str(workdir / "tok" / "tokenizer"), "--dataset", "digits",
+          "--max_batches", "1", "--batch_size", "8", "--fid_weights", str(fid_weights_file),
+          "--output", str(tmp_path / "m.json")])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["num_images"] == 8 and metrics["rfid"] >= 0 and math.isfinite(metrics["rfid"])
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05"):
+        main(["evaluate-tokenizer", "--tokenizer", str(workdir / "tok" / "tokenizer"), "--dataset", "digits",
+              "--fid_weights", str(tmp_path / "missing.pth")])
 
 
 def test_push_pipeline_uploads_both_parts_and_card(workdir):
