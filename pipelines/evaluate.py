@@ -20,8 +20,8 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
 
     Returns (metrics, (first originals, first reconstructions)) — the pair feeds a validation grid.
     Across processes, per-image values and code ids are gathered, so the numbers cover the whole dataset.
-    `perceptual` is an optional callable (e.g. `LPIPSLoss`) returning the mean distance of a batch; `fid` an
-    optional `ReconstructionFID`, fed every batch and reported as "rfid".
+    `perceptual` is an optional `LPIPSLoss` (anything with `distances(a, b) -> (B,)`), gathered per image like
+    PSNR and SSIM; `fid` an optional `ReconstructionFID`, fed every batch and reported as "rfid".
     """
     was_training = tokenizer.training
     tokenizer.eval()
@@ -34,10 +34,11 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
         pixels = batch["pixel_values"]
         out = tokenizer(pixels)
         reconstruction = out.reconstruction.float().clamp(-1, 1)
-        per_image = torch.stack([psnr(reconstruction, pixels), ssim(reconstruction, pixels)], dim=1)  # (B, 2)
-        indices = out.indices
+        columns = [psnr(reconstruction, pixels), ssim(reconstruction, pixels)]
         if perceptual is not None:
-            lpips_values.append(float(perceptual(reconstruction, pixels)))
+            columns.append(perceptual.distances(reconstruction, pixels).to(columns[0].device))
+        per_image = torch.stack(columns, dim=1)  # (B, 2 or 3): PSNR, SSIM[, LPIPS]
+        indices = out.indices
         if fid is not None:
             fid.update(pixels, reconstruction)
         if accelerator is not None:
@@ -45,6 +46,8 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
             indices = accelerator.gather_for_metrics(indices)
         psnrs.append(per_image[:, 0].cpu())
         ssims.append(per_image[:, 1].cpu())
+        if perceptual is not None:
+            lpips_values.append(per_image[:, 2].cpu())
         histogram.update(indices)
         if first is None:
             first = (pixels.detach().cpu(), reconstruction.detach().cpu())
@@ -59,7 +62,7 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
         "num_images": int(torch.cat(psnrs).numel()),
     }
     if lpips_values:
-        metrics["lpips"] = sum(lpips_values) / len(lpips_values)
+        metrics["lpips"] = float(torch.cat(lpips_values).mean())
     if fid is not None:
         metrics["rfid"] = fid.compute()
     return metrics, first

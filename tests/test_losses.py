@@ -211,6 +211,24 @@ def test_lpips_random_trunk_distances_and_frozen(random_lpips):
         random_lpips(torch.zeros(1, 2, 32, 32), torch.zeros(1, 2, 32, 32))
 
 
+def test_evaluation_lpips_is_the_mean_over_images_not_over_batches(random_lpips):
+    from pipelines.evaluate import evaluate_tokenizer
+    from tokenizer import VQTokenizer, VQTokenizerConfig
+
+    tokenizer = VQTokenizer(VQTokenizerConfig.from_preset("tiny")).eval()  # eval: no codebook updates
+    images = torch.rand(10, 3, 16, 16) * 2 - 1
+    batches = [{"pixel_values": chunk} for chunk in images.split(4)]  # 4 + 4 + 2 images: unequal batches
+    metrics, _ = evaluate_tokenizer(tokenizer, batches, perceptual=random_lpips)
+    with torch.no_grad():
+        per_batch = [random_lpips.distances(tokenizer(b["pixel_values"]).reconstruction.clamp(-1, 1),
+                                            b["pixel_values"]) for b in batches]
+    assert [d.shape for d in per_batch] == [(4,), (4,), (2,)]
+    mean_over_images = torch.cat(per_batch).mean().item()
+    mean_over_batches = sum(d.mean().item() for d in per_batch) / len(per_batch)
+    assert metrics["lpips"] == pytest.approx(mean_over_images, rel=1e-5)
+    assert metrics["lpips"] != pytest.approx(mean_over_batches, rel=1e-5)
+
+
 def test_lpips_gradient_reaches_input(random_lpips):
     images = torch.rand(1, 3, 32, 32) * 2 - 1
     output = (images + 0.1 * torch.randn_like(images)).requires_grad_(True)

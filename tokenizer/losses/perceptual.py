@@ -187,6 +187,10 @@ class LPIPSLoss(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean LPIPS distance between two (B, C, H, W) batches in [-1, 1], C = 1 or 3."""
+        return self.distances(input, target).mean()
+
+    def distances(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-image LPIPS distances (B,) in float32 between two (B, C, H, W) batches in [-1, 1], C = 1 or 3."""
         check_image_pair(input, target, names=("input", "target"))
         channels = input.shape[1]
         if channels not in (1, 3):
@@ -195,7 +199,7 @@ class LPIPSLoss(nn.Module):
             input, target = input.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1)
         dtype = next(self.lpips.parameters()).dtype  # autocast casts per op; without it dtypes must match
         distance = self.lpips(input.to(dtype), target.to(dtype))  # (B, 1, 1, 1)
-        return distance.float().mean()
+        return distance.float().flatten()
 
 
 def _drop_network_entries(module: LPIPSLoss, state_dict: dict, prefix: str, local_metadata: dict) -> None:
