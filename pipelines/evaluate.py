@@ -23,6 +23,8 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
     `perceptual` is an optional `LPIPSLoss` (anything with `distances(a, b) -> (B,)`), gathered per image like
     PSNR and SSIM; `fid` an optional `ReconstructionFID`, fed every batch and reported as "rfid".
     """
+    if perceptual is not None and not callable(getattr(perceptual, "distances", None)):
+        raise TypeError(f"perceptual must have distances(a, b) -> (B,) (an LPIPSLoss), got {type(perceptual).__name__}")
     was_training = tokenizer.training
     tokenizer.eval()
     histogram = CodeHistogram(tokenizer.codebook_size)
@@ -40,7 +42,7 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
         per_image = torch.stack(columns, dim=1)  # (B, 2 or 3): PSNR, SSIM[, LPIPS]
         indices = out.indices
         if fid is not None:
-            fid.update(pixels, reconstruction)
+            fid.update(pixels, reconstruction, accelerator=accelerator)  # gathers features across processes
         if accelerator is not None:
             per_image = accelerator.gather_for_metrics(per_image)
             indices = accelerator.gather_for_metrics(indices)
@@ -103,12 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     from .train_tokenizer import load_data
 
     args = build_parser().parse_args(argv)
-    tokenizer = VQTokenizer.from_pretrained(args.tokenizer)
-    datasets, _, source = load_data(args, tokenizer.config.in_channels)
-    loader = DataLoader(datasets[args.split], batch_size=args.batch_size, collate_fn=collate_images)
+    # metric networks first: a bad weights file fails before the tokenizer or the dataset is fetched
     perceptual = LPIPSLoss(trunk_weights=args.lpips_weights) if lpips_available(trunk_weights=args.lpips_weights) else None
     fid_weights = resolve_fid_weights(args.fid_weights)
     fid = ReconstructionFID(weights=fid_weights) if fid_weights is not None else None
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer)
+    datasets, _, source = load_data(args, tokenizer.config.in_channels)
+    loader = DataLoader(datasets[args.split], batch_size=args.batch_size, collate_fn=collate_images)
     metrics, _ = evaluate_tokenizer(tokenizer, loader, max_batches=args.max_batches, perceptual=perceptual, fid=fid)
     metrics.update(tokenizer=args.tokenizer, dataset=source, split=args.split, resolution=args.resolution)
     if perceptual is None:
