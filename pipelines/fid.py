@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -44,9 +43,9 @@ def fid_weights_cache_path() -> Path:
 
 
 def fid_weights_sha256_prefix() -> str:
-    """The SHA-256 prefix in the published file's name (torch hub's naming convention)."""
-    match = re.search(r"-([0-9a-f]{8,})\.pth$", fid_weights_cache_path().name)
-    if match is None:  # pragma: no cover - depends on torch-fidelity's URL
+    """The SHA-256 prefix in the published file's name, read as torch hub reads it (`torch.hub.HASH_REGEX`)."""
+    match = torch.hub.HASH_REGEX.search(fid_weights_cache_path().name)
+    if match is None or not match.group(1):  # pragma: no cover - depends on torch-fidelity's URL
         raise RuntimeError(f"cannot read a SHA-256 prefix from {fid_weights_url()}")
     return match.group(1)
 

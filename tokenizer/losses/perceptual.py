@@ -9,7 +9,6 @@ how to supply it. Nothing falls back to a random trunk unless `pnet_rand=True` i
 """
 
 import os
-import re
 import socket
 import warnings
 from pathlib import Path
@@ -28,8 +27,6 @@ _TRUNK_WEIGHTS = {
     "alex": tv_models.AlexNet_Weights.IMAGENET1K_V1,
     "squeeze": tv_models.SqueezeNet1_1_Weights.IMAGENET1K_V1,
 }
-# torchvision file names end in the first hex digits of the file's SHA-256 (torch.hub's convention).
-_HASH_PREFIX = re.compile(r"-([a-f0-9]+)\.")
 DOWNLOAD_TIMEOUT_S = 10.0
 
 
@@ -78,12 +75,13 @@ def lpips_available(net: str = "vgg", trunk_weights: str | os.PathLike | None = 
 def _download_trunk(url: str, destination: Path) -> None:
     """Download `url` to `destination`, checking the hash in its name; give up fast when offline."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    match = _HASH_PREFIX.search(destination.name)
+    # torchvision file names end in the first hex digits of the file's SHA-256 (torch.hub's HASH_REGEX convention)
+    match = torch.hub.HASH_REGEX.search(destination.name)
     # torch.hub opens its URL without a timeout; a bounded default keeps an offline machine from hanging.
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        torch.hub.download_url_to_file(url, str(destination), hash_prefix=match.group(1) if match else None,
+        torch.hub.download_url_to_file(url, str(destination), hash_prefix=match.group(1) if match and match.group(1) else None,
                                        progress=False)
     finally:
         socket.setdefaulttimeout(previous_timeout)
