@@ -197,7 +197,7 @@ class SystemSpec:
     codebook_size: int
 
 
-def system_specs(config: VQTokenizerConfig, *, proposal: bool) -> list[SystemSpec]:
+def system_specs(config: VQTokenizerConfig, *, proposal: bool, ablation: str = "all") -> list[SystemSpec]:
     """The benchmark rows.
 
     The peers are the two systems the targets name: diffusers `VQModel` (vanilla VQ) and the same `VQModel`
@@ -223,6 +223,8 @@ def system_specs(config: VQTokenizerConfig, *, proposal: bool) -> list[SystemSpe
         SystemSpec("vqstack AE + vector-quantize-pytorch (ablation)", lambda: VQPAutoencoder(config), False, False,
                    "ablation", size),
     ]
+    if ablation != "all":  # "bf16": only the ablation at the vqstack row's precision; "none": no ablation row
+        specs = [s for s in specs if s.role != "ablation" or (ablation == "bf16" and s.bf16)]
     if proposal:
         specs.insert(1, SystemSpec("vqstack + zero-init residuals (proposal)",
                                    lambda: apply_zero_init_residuals(vqstack()), True, False, "vqstack", size))
@@ -237,6 +239,7 @@ class RunningSystem:
     spec: SystemSpec
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    rng_state: Tensor  # the system's own CPU random stream, carried from one of its steps to the next
     step_seconds: list[float] = field(default_factory=list)
 
     @property
@@ -245,14 +248,29 @@ class RunningSystem:
         return ("bf16 autocast" if self.spec.bf16 else "fp32") + layout
 
 
+@contextlib.contextmanager
+def own_random_stream(state: Tensor) -> Iterator[Callable[[], Tensor]]:
+    """Run a block on the random stream `state` and restore the caller's stream afterwards.
+
+    Yields a function that returns the stream's state at the end of the block, so that a system's next block
+    continues its own stream. Every row draws its initialization, k-means samples, dead-code restarts and any
+    other randomness from its own stream: a row's result does not depend on which other rows run in the same
+    benchmark, or in which order.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(state)
+        yield torch.get_rng_state
+
+
 def start_system(spec: SystemSpec, seed: int) -> RunningSystem:
-    """Build a system's model in train mode (in its memory layout) and its Adam optimizer."""
-    torch.manual_seed(seed)  # every system starts from the same global RNG state
-    model = spec.build().train()
-    if spec.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    """Build a system's model in train mode (in its memory layout) and its Adam optimizer, on its own stream."""
+    with own_random_stream(torch.Generator().manual_seed(seed).get_state()) as final_state:
+        model = spec.build().train()
+        if spec.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        state = final_state()
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    return RunningSystem(spec, model, optimizer)
+    return RunningSystem(spec, model, optimizer, state)
 
 
 def precision_context(spec: SystemSpec) -> contextlib.AbstractContextManager:
@@ -268,14 +286,16 @@ def as_layout(images: Tensor, spec: SystemSpec) -> Tensor:
 def train_step(system: RunningSystem, images: Tensor) -> float:
     """One Adam step on L1 + VQ loss; returns the loss."""
     images = as_layout(images, system.spec)
-    start = time.perf_counter()
-    with precision_context(system.spec):
-        reconstruction, _, vq_loss = system.model(images)
-        loss = F.l1_loss(reconstruction.float(), images) + vq_loss.float()
-    system.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    system.optimizer.step()
-    system.step_seconds.append(time.perf_counter() - start)
+    with own_random_stream(system.rng_state) as final_state:
+        start = time.perf_counter()
+        with precision_context(system.spec):
+            reconstruction, _, vq_loss = system.model(images)
+            loss = F.l1_loss(reconstruction.float(), images) + vq_loss.float()
+        system.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        system.optimizer.step()
+        system.step_seconds.append(time.perf_counter() - start)
+        system.rng_state = final_state()
     return loss.item()
 
 
@@ -309,11 +329,12 @@ def evaluate(system: RunningSystem, validation: Tensor, batch_size: int = 250) -
     system.model.eval()
     histogram = CodeHistogram(system.spec.codebook_size)
     psnrs, ssims = [], []
-    for images in validation.split(batch_size):
-        reconstruction, indices, _ = system.model(images)
-        psnrs.append(psnr(reconstruction, images))
-        ssims.append(ssim(reconstruction, images))
-        histogram.update(indices)
+    with own_random_stream(system.rng_state):
+        for images in validation.split(batch_size):
+            reconstruction, indices, _ = system.model(images)
+            psnrs.append(psnr(reconstruction, images))
+            ssims.append(ssim(reconstruction, images))
+            histogram.update(indices)
     return float(torch.cat(psnrs).mean()), float(torch.cat(ssims).mean()), histogram.usage(), histogram.perplexity()
 
 
@@ -357,59 +378,105 @@ def load_patches(num_train: int, num_validation: int, seed: int) -> tuple[Tensor
 
 
 # ------------------------------------------------------------------------------------------ report
-def print_results(results: list[Result], *, steps: int, batch_size: int, warmup_steps: int,
+def _mean_spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """`mean ± standard deviation` over seeds (just the value for one seed)."""
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def print_results(runs: list[list[Result]], *, seeds: list[int], steps: int, batch_size: int, warmup_steps: int,
                   num_train: int, num_validation: int) -> None:
-    """The results table, then the targets table."""
-    peers = [r for r in results if r.role == "peer"]
-    best_psnr = max(r.psnr for r in peers)
-    best_speed = max(r.images_per_s for r in peers)
+    """The results table (mean ± spread over seeds, and PSNR of each seed), then the targets table.
+
+    `runs[s][i]` is row i of the run with seed `seeds[s]`; every run has the same rows in the same order.
+    """
+    rows = list(zip(*runs))  # rows[i][s]: row i, seed s
     print(f"\n### Tokenizer training at a fixed budget: {steps} Adam steps (lr {LEARNING_RATE:g}), batch {batch_size}, "
           f"L1 + VQ loss, {RESOLUTION}x{RESOLUTION} patches\n")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads. Data: {num_train} train patches "
           f"(natural-patches), metrics on {num_validation} held-out patches from other photos, float32 eval. "
-          f"Train images/s: median step after {warmup_steps} warm-up steps. Ratios are against the best peer "
-          f"row: the fastest for images/s, the highest PSNR for PSNR.\n")
-    print("| system | role | precision | params | train img/s | PSNR (dB) | SSIM | usage | perplexity | final loss "
-          "| img/s vs best peer | PSNR vs best peer |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r.name} | {r.role} | {r.precision} | {r.parameters / 1e6:.2f}M | {r.images_per_s:.1f} | {r.psnr:.2f} "
-              f"| {r.ssim:.3f} | {100 * r.usage:.1f}% | {r.perplexity:.0f} | {r.final_loss:.3f} "
-              f"| {r.images_per_s / best_speed:.2f}x | {r.psnr - best_psnr:+.2f} dB |")
-    print_targets(results)
+          f"Train images/s: median step after {warmup_steps} warm-up steps. Seeds {seeds} (initialization, batch "
+          f"order and every row's own random stream; the same patches for every seed): "
+          f"{'mean ± standard deviation over seeds' if len(seeds) > 1 else 'one seed'}.\n")
+    print("| system | role | precision | params | train img/s | PSNR (dB) | PSNR per seed | SSIM | usage (%) "
+          "| perplexity | final loss |")
+    print("|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for row in rows:
+        first = row[0]
+        print(f"| {first.name} | {first.role} | {first.precision} | {first.parameters / 1e6:.2f}M "
+              f"| {_mean_spread([r.images_per_s for r in row], digits=1)} | {_mean_spread([r.psnr for r in row])} "
+              f"| {', '.join(f'{r.psnr:.2f}' for r in row)} | {_mean_spread([r.ssim for r in row], digits=3)} "
+              f"| {_mean_spread([r.usage for r in row], scale=100, digits=1)} "
+              f"| {_mean_spread([r.perplexity for r in row], digits=0)} | {_mean_spread([r.final_loss for r in row], digits=3)} |")
+    print_targets(runs)
 
 
-def print_targets(results: list[Result]) -> None:
-    """One line per vqstack row: each target, met or not, with the measured margin."""
-    peers = [r for r in results if r.role == "peer"]
-    best_psnr = max(r.psnr for r in peers)
+def _peer_margins(run: list[Result], row: Result) -> dict[str, float]:
+    """One run's margins of a vqstack row over that run's peers (PSNR in dB, speed as a ratio)."""
+    peers = [r for r in run if r.role == "peer"]
     fp32_peers = [r for r in peers if r.precision == "fp32"] or peers
-    print("\n### Targets\n")
+    return {
+        "psnr_fp32": row.psnr - max(p.psnr for p in fp32_peers),
+        "psnr_all": row.psnr - max(p.psnr for p in peers),
+        "usage": row.usage,
+        "speed_fp32": row.images_per_s / max(p.images_per_s for p in fp32_peers),
+        "speed_all": row.images_per_s / max(p.images_per_s for p in peers),
+        "params": max(abs(p.parameters - row.parameters) / row.parameters for p in peers),
+    }
+
+
+TARGET_THRESHOLDS = {"psnr_fp32": TARGET_PSNR_GAIN_DB, "psnr_all": TARGET_PSNR_GAIN_DB, "usage": TARGET_USAGE,
+                     "speed_fp32": TARGET_SPEEDUP, "speed_all": TARGET_SPEEDUP}
+
+
+def _target_cell(margins: list[dict[str, float]], key: str) -> str:
+    """Verdict of one target over the seeds' margins (met only if met in every seed), with mean and worst."""
+    values = [m[key] for m in margins]
+    worst, mean = min(values), statistics.fmean(values)
+    if key.startswith("psnr"):
+        text = f"{mean:+.2f} dB, worst {worst:+.2f} dB"
+    elif key == "usage":
+        text = f"{100 * mean:.1f}%, worst {100 * worst:.1f}%"
+    else:
+        text = f"{mean:.2f}x, worst {worst:.2f}x"
+    return f"{_verdict(worst >= TARGET_THRESHOLDS[key])} ({text})"
+
+
+def print_targets(runs: list[list[Result]]) -> None:
+    """One line per vqstack row: each target, met only if it is met in every seed, with the mean and worst margin.
+
+    Margins are paired: each seed's vqstack row against the peers of the same seed.
+    """
+    print("\n### Targets (met = met in every seed; mean and worst seed in brackets)\n")
     print("| vqstack row | PSNR >= best fp32 peer + 1.5 dB | PSNR >= best peer (any precision) + 1.5 dB "
           "| usage >= 99% | img/s >= 1.5x fastest fp32 peer | img/s >= 1.5x fastest peer (any precision) "
           "| params within 10% of every peer |")
     print("|---|---|---|---|---|---|---|")
-    best_fp32_psnr = max(p.psnr for p in fp32_peers)
-    for r in (r for r in results if r.role == "vqstack"):
-        speed_fp32 = r.images_per_s / max(p.images_per_s for p in fp32_peers)
-        speed_all = r.images_per_s / max(p.images_per_s for p in peers)
-        worst_mismatch = max(abs(p.parameters - r.parameters) / r.parameters for p in peers)
-        gain_fp32, gain_all = r.psnr - best_fp32_psnr, r.psnr - best_psnr
-        print(f"| {r.name} | {_verdict(gain_fp32 >= TARGET_PSNR_GAIN_DB)} ({gain_fp32:+.2f} dB) "
-              f"| {_verdict(gain_all >= TARGET_PSNR_GAIN_DB)} ({gain_all:+.2f} dB) "
-              f"| {_verdict(r.usage >= TARGET_USAGE)} ({100 * r.usage:.1f}%) "
-              f"| {_verdict(speed_fp32 >= TARGET_SPEEDUP)} ({speed_fp32:.2f}x) "
-              f"| {_verdict(speed_all >= TARGET_SPEEDUP)} ({speed_all:.2f}x) "
-              f"| {_verdict(worst_mismatch <= PARAMETER_TOLERANCE)} (max {100 * worst_mismatch:.1f}%) |")
-    ablations = [r for r in results if r.role == "ablation"]
+    for index, row in enumerate(runs[0]):
+        if row.role != "vqstack":
+            continue
+        margins = [_peer_margins(run, run[index]) for run in runs]
+        worst_mismatch = max(m["params"] for m in margins)
+        cells = " | ".join(_target_cell(margins, key) for key in TARGET_THRESHOLDS)
+        print(f"| {row.name} | {cells} | {_verdict(worst_mismatch <= PARAMETER_TOLERANCE)} "
+              f"(max {100 * worst_mismatch:.1f}%) |")
+    ablations = [i for i, r in enumerate(runs[0]) if r.role == "ablation"]
     if ablations:
         print("\nAblation (not a target): the vqstack quantizer against vector-quantize-pytorch inside the same "
-              "vqstack autoencoder.\n")
-        for r in (r for r in results if r.role == "vqstack"):
+              "vqstack autoencoder, paired by seed.\n")
+        for index, row in enumerate(runs[0]):
+            if row.role != "vqstack":
+                continue
             for a in ablations:
-                same = "same precision" if a.precision == r.precision else f"{r.precision} vs {a.precision}"
-                print(f"- {r.name} vs {a.name}, {same}: PSNR {r.psnr - a.psnr:+.2f} dB, usage {100 * r.usage:.1f}% "
-                      f"vs {100 * a.usage:.1f}%, img/s {r.images_per_s / a.images_per_s:.2f}x")
+                ablation = runs[0][a]
+                same = "same precision" if ablation.precision == row.precision else f"{row.precision} vs {ablation.precision}"
+                gains = [run[index].psnr - run[a].psnr for run in runs]
+                print(f"- {row.name} vs {ablation.name}, {same}: PSNR {_mean_spread(gains)} dB "
+                      f"({', '.join(f'{g:+.2f}' for g in gains)}), usage "
+                      f"{_mean_spread([run[index].usage for run in runs], scale=100, digits=1)}% vs "
+                      f"{_mean_spread([run[a].usage for run in runs], scale=100, digits=1)}%")
 
 
 def _verdict(passed: bool) -> str:
@@ -437,7 +504,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_validation", "--num-validation", type=positive_int, default=None)
     parser.add_argument("--proposal", action="store_true", help="add the row with the proposed vqstack change")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one full run per seed (initialization, batch order, every row's random stream); "
+                             "the tables give mean ± spread, and a target is met only if met in every seed")
+    parser.add_argument("--data_seed", "--data-seed", type=int, default=0,
+                        help="seed of the train and held-out patches, the same for every run")
+    parser.add_argument("--ablation", choices=("all", "bf16", "none"), default="all",
+                        help="ablation rows: both precisions, only bf16 (the vqstack row's), or none")
     args = parser.parse_args(argv)
     args.steps = args.steps or (4 if args.quick else 400)
     args.batch_size = args.batch_size or (8 if args.quick else 32)
@@ -445,6 +518,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.num_validation = args.num_validation or (64 if args.quick else 1_000)
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.steps // 20)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
     if not 0 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup_steps must lie in [0, steps={args.steps}), got {args.warmup_steps}")
     return args
@@ -454,12 +529,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    train, validation = load_patches(args.num_train, args.num_validation, args.seed)
-    specs = system_specs(VQTokenizerConfig.from_preset(PRESET), proposal=args.proposal)
-    results = run(specs, train, validation, steps=args.steps, batch_size=args.batch_size,
-                  warmup_steps=args.warmup_steps, seed=args.seed)
-    print_results(results, steps=args.steps, batch_size=args.batch_size, warmup_steps=args.warmup_steps,
-                  num_train=args.num_train, num_validation=args.num_validation)
+    train, validation = load_patches(args.num_train, args.num_validation, args.data_seed)
+    specs = system_specs(VQTokenizerConfig.from_preset(PRESET), proposal=args.proposal, ablation=args.ablation)
+    runs = []
+    for seed in args.seeds:
+        print(f"seed {seed}:", file=sys.stderr, flush=True)
+        runs.append(run(specs, train, validation, steps=args.steps, batch_size=args.batch_size,
+                        warmup_steps=args.warmup_steps, seed=seed))
+    print_results(runs, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
+                  warmup_steps=args.warmup_steps, num_train=args.num_train, num_validation=args.num_validation)
 
 
 if __name__ == "__main__":
