@@ -537,6 +537,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"seed {seed}:", file=sys.stderr, flush=True)
         runs.append(run(specs, train, validation, steps=args.steps, batch_size=args.batch_size,
                         warmup_steps=args.warmup_steps, seed=seed))
+        for r in runs[-1]:  # each seed's results as soon as they exist: a long run shows them before it ends
+            print(f"  seed {seed}: {r.name}, {r.precision}: PSNR {r.psnr:.2f} dB, usage {100 * r.usage:.1f}%, "
+                  f"{r.images_per_s:.1f} img/s", file=sys.stderr, flush=True)
     print_results(runs, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
                   warmup_steps=args.warmup_steps, num_train=args.num_train, num_validation=args.num_validation)
 
