@@ -77,12 +77,12 @@ def _download_trunk(url: str, destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     # torchvision file names end in the first hex digits of the file's SHA-256 (torch.hub's HASH_REGEX convention)
     match = torch.hub.HASH_REGEX.search(destination.name)
+    hash_prefix = (match.group(1) or None) if match else None  # the regex also matches an empty prefix
     # torch.hub opens its URL without a timeout; a bounded default keeps an offline machine from hanging.
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        torch.hub.download_url_to_file(url, str(destination), hash_prefix=match.group(1) if match and match.group(1) else None,
-                                       progress=False)
+        torch.hub.download_url_to_file(url, str(destination), hash_prefix=hash_prefix, progress=False)
     finally:
         socket.setdefaulttimeout(previous_timeout)
 
