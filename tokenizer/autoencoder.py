@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttentionBlock, Downsample, ResnetBlock, Upsample, group_norm
+from .blocks import AttentionBlock, Downsample, ResnetBlock, Upsample, channel_shortcut, group_norm
 from .configuration import VQTokenizerConfig
 
 
@@ -41,12 +41,13 @@ class Encoder(nn.Module):
         for level, width in enumerate(widths):
             stage = nn.Module()
             stage.blocks = _level_blocks(previous, width, config.num_res_blocks, level in config.attention_levels, config)
-            stage.downsample = Downsample(width) if level < len(widths) - 1 else nn.Identity()
+            stage.downsample = Downsample(width, config.resample_shortcuts) if level < len(widths) - 1 else nn.Identity()
             self.levels.append(stage)
             previous = width
         self.middle = _middle(previous, config)
         self.norm_out = group_norm(previous, config.norm_groups)
         self.conv_out = nn.Conv2d(previous, config.latent_channels, 3, padding=1)
+        self.latent_shortcut = config.latent_shortcuts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C0, H, W)
@@ -55,7 +56,8 @@ class Encoder(nn.Module):
                 h = block(h)
             h = stage.downsample(h)
         h = self.middle(h)  # (B, C_last, H/f, W/f)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, latent_channels, H/f, W/f)
+        z = self.conv_out(F.silu(self.norm_out(h)))  # (B, latent_channels, H/f, W/f)
+        return z + channel_shortcut(h, z.shape[1]) if self.latent_shortcut else z
 
 
 class Decoder(nn.Module):
@@ -65,6 +67,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [config.base_channels * m for m in config.channel_multipliers]
         self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        self.latent_shortcut = config.latent_shortcuts
         self.middle = _middle(widths[-1], config)
         self.levels = nn.ModuleList()
         previous = widths[-1]
@@ -72,14 +75,17 @@ class Decoder(nn.Module):
             stage = nn.Module()
             stage.blocks = _level_blocks(previous, widths[level], config.num_res_blocks + 1,
                                          level in config.attention_levels, config)
-            stage.upsample = Upsample(widths[level]) if level > 0 else nn.Identity()
+            stage.upsample = Upsample(widths[level], config.resample_shortcuts) if level > 0 else nn.Identity()
             self.levels.append(stage)
             previous = widths[level]
         self.norm_out = group_norm(previous, config.norm_groups)
         self.conv_out = nn.Conv2d(previous, config.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.middle(self.conv_in(z))  # (B, C_last, h, w)
+        h = self.conv_in(z)  # (B, C_last, h, w)
+        if self.latent_shortcut:
+            h = h + channel_shortcut(z, h.shape[1])
+        h = self.middle(h)
         for stage in self.levels:
             for block in stage.blocks:
                 h = block(h)

@@ -47,22 +47,47 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv with asymmetric padding (pad right/bottom), so H -> H/2 exactly as in VQGAN."""
+    """Stride-2 3x3 conv with asymmetric padding (pad right/bottom), so H -> H/2 exactly as in VQGAN.
 
-    def __init__(self, channels: int):
+    With `shortcut`, the conv learns a residual over a parameter-free path: 2x2 average pooling, which is
+    DC-AE's space-to-channel shortcut followed by channel averaging when the width does not change
+    (Chen et al. 2024, "Deep Compression Autoencoder").
+    """
+
+    def __init__(self, channels: int, shortcut: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        h = self.conv(F.pad(x, (0, 1, 0, 1)))
+        return h + F.avg_pool2d(x, 2) if self.shortcut else h
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then conv3x3 (avoids the checkerboard artifacts of transposed convs)."""
+    """Nearest-neighbour x2 then conv3x3 (avoids the checkerboard artifacts of transposed convs).
 
-    def __init__(self, channels: int):
+    With `shortcut`, the conv learns a residual over the upsampled input itself (DC-AE's channel-to-space
+    shortcut after channel duplication, at an unchanged width).
+    """
+
+    def __init__(self, channels: int, shortcut: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) + x if self.shortcut else self.conv(x)
+
+
+def channel_shortcut(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Parameter-free (B, C, H, W) -> (B, channels, H, W), one of C and `channels` dividing the other.
+
+    Averages each run of C / channels consecutive channels, or repeats each channel channels / C times: the
+    shortcuts DC-AE puts beside the encoder's output conv and the decoder's input conv.
+    """
+    batch, in_channels, height, width = x.shape
+    if in_channels >= channels:
+        return x.reshape(batch, channels, in_channels // channels, height, width).mean(dim=2)
+    return x.repeat_interleave(channels // in_channels, dim=1)

@@ -35,6 +35,14 @@ class VQTokenizerConfig:
     latent_channels: int = 256  # channels of z, the vectors that are quantized
     norm_groups: int = 32  # GroupNorm groups; every level's width must be divisible by it
     dropout: float = 0.0
+    # Parameter-free shortcuts (DC-AE's residual autoencoding, Chen et al. 2024): the encoder and decoder convs
+    # learn residuals over them. `resample_shortcuts`: average pooling beside each downsampling conv, the
+    # upsampled input beside each upsampling conv. `latent_shortcuts`: channel averaging beside the encoder's
+    # output conv, channel repetition beside the decoder's input conv (latent_channels and the last level's
+    # width must divide one another). Off by default so that configs saved without these fields keep the
+    # architecture they were trained with; the small-f4 preset turns both on.
+    resample_shortcuts: bool = False
+    latent_shortcuts: bool = False
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def __post_init__(self) -> None:
@@ -63,6 +71,12 @@ class VQTokenizerConfig:
                 )
         if self.num_res_blocks < 1 or self.latent_channels < 1:
             raise ValueError("num_res_blocks and latent_channels must be >= 1")
+        last_width = self.base_channels * self.channel_multipliers[-1]
+        if self.latent_shortcuts and max(last_width, self.latent_channels) % min(last_width, self.latent_channels):
+            raise ValueError(
+                f"latent_shortcuts needs latent_channels={self.latent_channels} and the last level's width "
+                f"{last_width} to divide one another"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -133,10 +147,12 @@ def _quickstart() -> VQTokenizerConfig:
 
 
 def _small_f4() -> VQTokenizerConfig:
-    # ~4M parameters, f4, 1024 codes: the size measured in the benchmarks on 32x32 patches.
+    # ~5M parameters, f4, 1024 codes: the size measured in the benchmarks on 32x32 patches. The shortcuts
+    # took held-out PSNR after 400 steps from 20.53 / 19.66 dB to 21.43 / 21.40 dB on two seeds at no parameter cost.
     return VQTokenizerConfig(
         base_channels=64, channel_multipliers=(1, 2, 2), num_res_blocks=2, mid_attention=True,
-        latent_channels=64, quantizer=QuantizerConfig(codebook_size=1024),
+        latent_channels=64, resample_shortcuts=True, latent_shortcuts=True,
+        quantizer=QuantizerConfig(codebook_size=1024),
     )
 
 

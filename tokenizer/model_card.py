@@ -40,6 +40,7 @@ def tokenizer_model_card(tokenizer: VQTokenizer) -> ModelCard:
         f"| channel multipliers | {list(config.channel_multipliers)} x {config.base_channels} |",
         f"| ResNet blocks per level | {config.num_res_blocks} |",
         f"| attention levels | {list(config.attention_levels) or 'none'} (bottleneck: {config.mid_attention}) |",
+        f"| parameter-free shortcuts | resampling: {config.resample_shortcuts}, latent: {config.latent_shortcuts} |",
         "",
         "## Training",
         "",

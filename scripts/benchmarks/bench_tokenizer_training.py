@@ -3,8 +3,9 @@
 Every system trains in the same run, on the same batches (same data, same order), for the same number of Adam
 steps at the same learning rate, with the same loss (L1 reconstruction + the system's own VQ loss):
 
-- vqstack: `VQTokenizer` with the "small-f4" preset and its default quantizer (EMA, k-means init, 8-d cosine
-  lookup, dead-code restarts, entropy penalty), trained under bf16 autocast. The quantizer keeps its
+- vqstack: `VQTokenizer` with the "small-f4" preset (VQGAN layout plus DC-AE's parameter-free resampling and
+  latent shortcuts) and its default quantizer (EMA, k-means init, 8-d cosine lookup, dead-code restarts,
+  entropy penalty), trained under bf16 autocast. The quantizer keeps its
   arithmetic in float32 inside autocast by design. Tensors stay in the default (NCHW) layout: on this CPU
   PyTorch's GroupNorm is about 5x slower on channels_last bf16 tensors than on NCHW ones, which costs more
   than channels_last saves in the convolutions (measured: 31.4 vs 34.0 img/s).
