@@ -27,7 +27,7 @@ over the whole held-out set; perplexity of that histogram) are measured in float
 cut from photos that no training patch comes from.
 
     python scripts/benchmarks/bench_tokenizer_training.py              # full run: 400 steps, batch 32
-    python scripts/benchmarks/bench_tokenizer_training.py --seeds 0 1 2 --ablation bf16   # the README's table
+    python scripts/benchmarks/bench_tokenizer_training.py --seeds 0 1 2 --ablation none   # the README's table
     python scripts/benchmarks/bench_tokenizer_training.py --quick      # smoke run: 4 steps of batch 8, a few minutes
 """
 
