@@ -31,6 +31,7 @@ def test_realistic_presets_downsampling():
         config = VQTokenizerConfig.from_preset(name)
         assert config.downsample_factor == factor
         assert config.codebook_size == codes
+    assert VQTokenizerConfig.from_preset("f16-16384").widths == (128, 128, 256, 256, 512)
 
 
 def test_f8_preset_encodes():

@@ -34,7 +34,7 @@ class Encoder(nn.Module):
 
     def __init__(self, config: VQTokenizerConfig):
         super().__init__()
-        widths = [config.base_channels * m for m in config.channel_multipliers]
+        widths = config.widths
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.levels = nn.ModuleList()
         previous = widths[0]
@@ -65,7 +65,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: VQTokenizerConfig):
         super().__init__()
-        widths = [config.base_channels * m for m in config.channel_multipliers]
+        widths = config.widths
         self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
         self.latent_shortcut = config.latent_shortcuts
         self.middle = _middle(widths[-1], config)

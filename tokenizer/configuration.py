@@ -63,15 +63,14 @@ class VQTokenizerConfig:
                 raise ValueError(
                     f"attention_levels entry {level} is out of range [0, {len(self.channel_multipliers)})"
                 )
-        for multiplier in self.channel_multipliers:
-            width = self.base_channels * multiplier
+        for width in self.widths:
             if width % self.norm_groups:
                 raise ValueError(
                     f"base_channels * multiplier = {width} is not divisible by norm_groups={self.norm_groups}"
                 )
         if self.num_res_blocks < 1 or self.latent_channels < 1:
             raise ValueError("num_res_blocks and latent_channels must be >= 1")
-        last_width = self.base_channels * self.channel_multipliers[-1]
+        last_width = self.widths[-1]
         if self.latent_shortcuts and max(last_width, self.latent_channels) % min(last_width, self.latent_channels):
             raise ValueError(
                 f"latent_shortcuts needs latent_channels={self.latent_channels} and the last level's width "
@@ -79,6 +78,11 @@ class VQTokenizerConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Channels of each level, first (full resolution) to last."""
+        return tuple(self.base_channels * multiplier for multiplier in self.channel_multipliers)
 
     @property
     def downsample_factor(self) -> int:

@@ -91,7 +91,7 @@ def diffusers_vq_model(config: VQTokenizerConfig) -> nn.Module:
         out_channels=config.in_channels,
         down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(config.base_channels * m for m in config.channel_multipliers),
+        block_out_channels=config.widths,
         layers_per_block=config.num_res_blocks,
         latent_channels=config.latent_channels,
         vq_embed_dim=config.latent_channels,
