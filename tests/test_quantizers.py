@@ -116,6 +116,37 @@ def test_dead_code_restarts_recover_a_collapsed_codebook():
     assert out.stats.perplexity > 8
 
 
+def _restart_once(source: str, tokens: torch.Tensor, codebook: torch.Tensor) -> VectorQuantizer:
+    """One training step of a plain VQ whose codes 1.. are never chosen, so all of them restart."""
+    quantizer = plain_vq(tokens.shape[1], codebook.shape[0], dead_code_steps=1, dead_code_restart=source)
+    with torch.no_grad():
+        quantizer.codebook.copy_(codebook)
+    quantizer(tokens.T.reshape(1, tokens.shape[1], tokens.shape[0], 1))  # (1, D, N, 1): token i at row i
+    return quantizer
+
+
+def test_worst_restarts_move_dead_codes_to_the_worst_fitted_latents():
+    outliers = torch.tensor([[5.0, 0.0], [0.0, 6.0], [-7.0, 0.0]])  # 5, 6 and 7 away from code 0
+    tokens = torch.cat([torch.randn(10, 2, generator=torch.Generator().manual_seed(0)) * 0.1, outliers])
+    codebook = torch.tensor([[0.0, 0.0], [100.0, 100.0], [100.0, 101.0], [101.0, 100.0]])
+    quantizer = _restart_once("worst", tokens, codebook)
+    torch.testing.assert_close(quantizer.codebook[1:], outliers.flip(0))  # farthest first
+    torch.testing.assert_close(quantizer.codebook[0], codebook[0])
+
+
+def test_worst_restarts_cycle_when_more_codes_are_dead_than_latents():
+    tokens = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    codebook = torch.cat([torch.zeros(1, 2), torch.full((6, 2), 100.0)])
+    quantizer = _restart_once("worst", tokens, codebook)
+    assert quantizer.codebook[1:, 0].tolist() == [3.0, 1.0, 3.0, 1.0, 3.0, 1.0]
+
+
+def test_dead_code_restart_source_is_checked():
+    with pytest.raises(ValueError, match="dead_code_restart"):
+        QuantizerConfig(dead_code_restart="farthest")
+    assert QuantizerConfig.from_dict({"codebook_size": 8}).dead_code_restart == "random"  # configs saved before it
+
+
 def test_usage_statistics_and_eval_purity():
     quantizer = build_quantizer(QuantizerConfig(codebook_size=32, codebook_dim=4, usage_window=3), 8)
     z = torch.randn(4, 8, 4, 4)

@@ -183,11 +183,14 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _restart_dead_codes(self, latents: Tensor) -> int:
-        """Re-seed dead codes from random latents of this batch, drawn on rank 0 and broadcast."""
+        """Re-seed dead codes from latents of this batch (random or worst-fitted), chosen on rank 0 and broadcast."""
         dead = self.find_dead_codes().nonzero().squeeze(1)  # (n_dead,)
         if dead.numel() == 0:
             return 0
-        picks = torch.randint(latents.shape[0], (dead.numel(),), generator=self._step_generator(salt=0))
+        if self.config.dead_code_restart == "worst":
+            picks = self._worst_fitted(latents, dead.numel())
+        else:
+            picks = torch.randint(latents.shape[0], (dead.numel(),), generator=self._step_generator(salt=0))
         samples = latents[picks.to(latents.device)].to(self.codebook.dtype)  # (n_dead, d)
         distributed.broadcast_(samples)
         self.codebook.data[dead] = samples
@@ -197,3 +200,10 @@ class VectorQuantizer(Quantizer):
             self.ema_embed_sum[dead] = samples
         self.last_active[dead] = self.usage_step
         return int(dead.numel())
+
+    def _worst_fitted(self, latents: Tensor, count: int) -> Tensor:
+        """(count,) rows of `latents` (N, d), farthest from their nearest code first; cycles when count > N."""
+        codebook = self.codebook_vectors()  # (K, d), after this step's EMA update
+        nearest = F.embedding(self._search(latents, codebook), codebook)  # (N, d)
+        order = (latents - nearest).pow(2).sum(1).argsort(descending=True, stable=True)  # (N,)
+        return order[torch.arange(count, device=order.device) % order.numel()]
