@@ -87,16 +87,10 @@ class QuantizerConfig:
         _floats_as_float(self)
         if self.kind not in QUANTIZER_KINDS:
             raise ValueError(f"kind={self.kind!r} is not supported; expected one of {QUANTIZER_KINDS}")
-        if self.search_dtype not in SEARCH_DTYPES:
-            raise ValueError(f"search_dtype={self.search_dtype!r}; expected one of {SEARCH_DTYPES}")
-        if self.gradient_estimator not in GRADIENT_ESTIMATORS:
-            raise ValueError(
-                f"gradient_estimator={self.gradient_estimator!r}; expected one of {GRADIENT_ESTIMATORS}"
-            )
-        if self.dead_code_restart not in RESTART_SOURCES:
-            raise ValueError(f"dead_code_restart={self.dead_code_restart!r}; expected one of {RESTART_SOURCES}")
-        if self.kmeans_seeding not in KMEANS_SEEDINGS:
-            raise ValueError(f"kmeans_seeding={self.kmeans_seeding!r}; expected one of {KMEANS_SEEDINGS}")
+        _check_choice(self, "search_dtype", SEARCH_DTYPES)
+        _check_choice(self, "gradient_estimator", GRADIENT_ESTIMATORS)
+        _check_choice(self, "dead_code_restart", RESTART_SOURCES)
+        _check_choice(self, "kmeans_seeding", KMEANS_SEEDINGS)
         _check_positive(self, "codebook_size", "kmeans_iters", "usage_window", "search_chunk_size",
                         "search_candidates", "entropy_temperature", "ema_epsilon", "entropy_max_tokens")
         _check_non_negative(self, "commitment_weight", "codebook_weight", "entropy_weight",
@@ -157,6 +151,11 @@ def _floats_as_float(config: QuantizerConfig) -> None:
         value = getattr(config, field.name)
         if field.type == "float" and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, field.name, float(value))
+
+
+def _check_choice(config: QuantizerConfig, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, name) not in choices:
+        raise ValueError(f"{name}={getattr(config, name)!r}; expected one of {choices}")
 
 
 def _check_positive(config: QuantizerConfig, *names: str) -> None:
