@@ -54,6 +54,30 @@ def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | None) -
     return path
 
 
+def check_output_dir(accelerator: Accelerator, output_dir: str | Path, resume: Path | None, overwrite: bool) -> None:
+    """Refuse to mix runs: checkpoints in `output_dir` beyond the resume point (all of them for a new run) belong
+    to another run, and "latest" or pruning would otherwise pick them over this run's own.
+
+    With `overwrite` they are deleted instead (main process).
+    """
+    start = checkpoint_step(resume) if resume is not None else -1
+    foreign = [path for path in list_checkpoints(output_dir) if checkpoint_step(path) > start]
+    if not foreign:
+        return
+    names = ", ".join(path.name for path in foreign)
+    if not overwrite:
+        what = f"newer than {resume}" if resume is not None else "from an earlier run"
+        raise FileExistsError(
+            f"{output_dir} holds checkpoints {what} ({names}). Resume them with --resume_from_checkpoint latest, "
+            "choose another --output_dir, or pass --overwrite_output_dir to delete them and start over"
+        )
+    if accelerator.is_main_process:
+        for path in foreign:
+            logger.info("--overwrite_output_dir: removing %s", path)
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None,
                     extra: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint-<step> atomically, then keep only the newest `total_limit` checkpoints.
@@ -83,7 +107,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(temporary, final)
-        _prune(output_dir, total_limit)
+        _prune(output_dir, total_limit, keep=final)
     accelerator.wait_for_everyone()
     return final
 
@@ -96,12 +120,13 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _prune(output_dir: Path, total_limit: int | None) -> None:
+def _prune(output_dir: Path, total_limit: int | None, keep: Path) -> None:
+    """Delete leftover .tmp folders and the oldest checkpoints beyond `total_limit`, never `keep` (just written)."""
     for stale in output_dir.glob("checkpoint-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     if total_limit is None or total_limit <= 0:
         return
-    checkpoints = list_checkpoints(output_dir)
-    for old in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+    checkpoints = [path for path in list_checkpoints(output_dir) if path != keep]
+    for old in checkpoints[: max(0, len(checkpoints) + 1 - total_limit)]:
         logger.info("removing old checkpoint %s (checkpoints_total_limit=%d)", old, total_limit)
         shutil.rmtree(old)

@@ -3,6 +3,8 @@
 The dataset is cut into shards; each shard is encoded with `datasets.map(batched=True)` and written to disk
 atomically, so an interrupted run resumes at the first missing shard, and `accelerate launch` spreads the
 shards over processes. Only one shard is in memory at a time, so datasets larger than RAM work too.
+Each shard records the parameters that decided its contents (`params.json` inside it); a resume with other
+parameters is refused rather than mixing rows of two runs.
 The result is an Arrow dataset per split with columns "indices" (int32, (h, w)) and, when labelled, "label",
 plus `tokens.json` describing the grid shape, codebook size and classes.
 """
@@ -10,6 +12,7 @@ plus `tokens.json` describing the grid shape, codebook size and classes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -27,6 +30,8 @@ from .training import cpu_only_multiprocess
 
 logger = logging.getLogger(__name__)
 METADATA_NAME = "tokens.json"
+PARAMS_NAME = "params.json"
+SHARD_GLOB = "shard-[0-9]*[0-9]"  # finished shards only, not their ".tmp" folders
 
 
 def _save(dataset: datasets.Dataset, path: Path) -> None:
@@ -51,6 +56,49 @@ def _merge_shards(shard_root: Path, num_shards: int, output_dir: Path) -> None:
     shutil.rmtree(shard_root)
 
 
+def _tokenizer_digest(tokenizer: VQTokenizer) -> str:
+    """sha256 of the config and weights: a tokenizer retrained in place under the same path is told apart."""
+    hasher = hashlib.sha256(json.dumps(tokenizer.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def _shard_params(params: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(params, default=str))  # the form they take once written and read back
+
+
+def _check_shards(shard_root: Path, params: dict[str, Any]) -> None:
+    """Refuse to resume from finished shards written with other parameters than `params`.
+
+    Shards are reused by name only, so a changed shard size, tokenizer, resolution, cap or dataset would
+    otherwise mix stale rows (duplicated, missing or from another codebook) into the result.
+    """
+    params = _shard_params(params)
+    for shard in sorted(shard_root.glob(SHARD_GLOB)):
+        record = shard / PARAMS_NAME
+        if not record.is_file():
+            raise ValueError(f"{shard} has no {PARAMS_NAME} (it was written by an older version), so it cannot be "
+                             f"checked against this run's parameters; delete {shard_root} to encode from scratch")
+        recorded = json.loads(record.read_text())
+        changed = sorted(key for key in recorded.keys() | params.keys() if recorded.get(key) != params.get(key))
+        if changed:
+            details = "; ".join(f"{key}: {recorded.get(key)!r} then, {params.get(key)!r} now" for key in changed)
+            raise ValueError(f"{shard_root} holds shards of an interrupted encode with other parameters ({details}); "
+                             "delete that folder to encode from scratch, or rerun with the old parameters to resume")
+
+
+def _finish_shard(temporary: Path, final: Path, params: dict[str, Any]) -> None:
+    """Record `params` inside a written shard, then publish it under its final name.
+
+    The record is written into the temporary folder before one atomic rename, so a finished shard never
+    exists without it, and an interrupted write leaves only a ".tmp" folder that the next run replaces.
+    """
+    (temporary / PARAMS_NAME).write_text(json.dumps(_shard_params(params), indent=2, sort_keys=True) + "\n")
+    temporary.rename(final)
+
+
 def _encode_batch(batch: dict, tokenizer: VQTokenizer, processor: VQImageProcessor, device) -> dict:
     pixels = processor.preprocess(batch["image"]).to(device)  # (B, C, H, W)
     with torch.no_grad():
@@ -62,8 +110,13 @@ def _encode_batch(batch: dict, tokenizer: VQTokenizer, processor: VQImageProcess
 
 
 def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: Path, *, resolution: int,
-                 batch_size: int = 64, shard_size: int = 10_000, state: PartialState | None = None) -> datasets.Dataset:
-    """Encode one split into `output_dir` (an Arrow dataset); finished shards from an earlier run are reused."""
+                 batch_size: int = 64, shard_size: int = 10_000, state: PartialState | None = None,
+                 source: dict[str, Any] | None = None) -> datasets.Dataset:
+    """Encode one split into `output_dir` (an Arrow dataset); finished shards from an earlier run are reused.
+
+    `source` describes where `dataset` came from (e.g. the data flags); it is recorded with the shards, and a
+    resume whose source, size, shard size, resolution or tokenizer differ is refused (see `_check_shards`).
+    """
     state = state or PartialState(cpu=cpu_only_multiprocess())
     if "image" not in dataset.column_names:
         raise ValueError(f"the dataset has no 'image' column; its columns are {dataset.column_names}")
@@ -76,6 +129,9 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
         features["label"] = dataset.features["label"]
     num_shards = max(1, math.ceil(len(dataset) / shard_size))
     shard_root = output_dir.with_name(output_dir.name + ".shards")
+    params = {**(source or {}), "num_rows": len(dataset), "columns": keep, "shard_size": shard_size,
+              "resolution": resolution, "tokenizer_sha256": _tokenizer_digest(tokenizer)}
+    _check_shards(shard_root, params)
     tokenizer = tokenizer.to(state.device).eval()
     for index in range(state.process_index, num_shards, state.num_processes):
         final = shard_root / f"shard-{index:05d}"
@@ -89,7 +145,7 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
         temporary = shard_root / f"shard-{index:05d}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         _save(encoded, temporary)
-        temporary.rename(final)
+        _finish_shard(temporary, final, params)
     state.wait_for_everyone()
     if state.is_main_process:
         _merge_shards(shard_root, num_shards, output_dir)
@@ -99,19 +155,32 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
 
 def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, output_dir: str | Path, *,
                   resolution: int, batch_size: int = 64, shard_size: int = 10_000,
-                  image_column: str = "image", label_column: str | None = "label") -> datasets.Dataset:
+                  image_column: str = "image", label_column: str | None = "label", max_samples: int | None = None,
+                  strict_data: bool = False, source: dict[str, Any] | None = None) -> datasets.Dataset:
     """Encode an `IterableDataset` (e.g. `load_dataset(..., streaming=True)`) of any size in bounded memory.
 
     Examples are read, encoded and written shard by shard (Arrow files on disk); the merged result is
-    memory-mapped, never loaded. A rerun skips the shards already written and resumes the stream after them.
+    memory-mapped, never loaded. A rerun skips the shards already written and resumes the stream after them;
+    it is refused when the shards were written with other parameters (`source` is recorded with them too).
+    `max_samples` reads only the first that many examples of the stream. Unreadable images are skipped with a
+    warning, or raise with `strict_data`, as `load_image_dataset` does.
     """
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
     output_dir = Path(output_dir)
     shard_root = output_dir.with_name(output_dir.name + ".shards")
     shard_root.mkdir(parents=True, exist_ok=True)
+    params = {**(source or {}), "max_samples": max_samples, "image_column": image_column,
+              "label_column": label_column, "shard_size": shard_size, "resolution": resolution,
+              "tokenizer_sha256": _tokenizer_digest(tokenizer)}
+    _check_shards(shard_root, params)
     processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution)
     grid = tokenizer.token_grid_shape(resolution, resolution)
-    done = len(list(shard_root.glob("shard-[0-9]*[0-9]")))
+    done = len(list(shard_root.glob(SHARD_GLOB)))
     tokenizer = tokenizer.eval()
+    if max_samples is not None:
+        stream = stream.take(max_samples)  # before the image check, like the capped subset of `load_image_dataset`
+    stream, skipped = _readable_only(stream, image_column, strict=strict_data)
     rows: dict[str, list] = {"indices": [], "label": []}
 
     def flush(index: int) -> None:
@@ -122,14 +191,16 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
         temporary = shard_root / f"shard-{index:05d}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         _save(datasets.Dataset.from_dict(columns, features=features), temporary)
-        temporary.rename(shard_root / f"shard-{index:05d}")
+        _finish_shard(temporary, shard_root / f"shard-{index:05d}", params)
         rows["indices"], rows["label"] = [], []
 
     index = done
+    # Skipped after the image check, so that positions count the same readable examples the shards hold.
     for batch in stream.skip(done * shard_size).iter(batch_size=batch_size):
         if image_column not in batch:
             raise ValueError(f"the stream has no {image_column!r} column; its columns are {sorted(batch)}")
-        encoded = _encode_batch({"image": batch[image_column]}, tokenizer, processor, next(tokenizer.parameters()).device)
+        images = [_decode_image(value) for value in batch[image_column]]
+        encoded = _encode_batch({"image": images}, tokenizer, processor, next(tokenizer.parameters()).device)
         rows["indices"].extend(encoded["indices"])
         if label_column and label_column in batch:
             rows["label"].extend(int(v) for v in batch[label_column])
@@ -142,22 +213,76 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
     if rows["indices"]:
         flush(index)
         index += 1
+    if skipped:
+        logger.warning("skipped %d unreadable image(s) of the stream; first: %r. Pass --strict_data to raise "
+                       "instead.", len(skipped), skipped[0])
     if index == 0:
         raise ValueError("the stream yielded no examples")
     _merge_shards(shard_root, index, output_dir)
     return datasets.load_from_disk(str(output_dir))
 
 
+def _readable_only(stream: datasets.IterableDataset, image_column: str, *,
+                   strict: bool) -> tuple[datasets.IterableDataset, list]:
+    """The stream without its unreadable images (undecoded: see `_decode_image`) and the list it fills with them.
+
+    Left as it is when the column is not an `Image` feature: its own loader decodes it, and a broken example
+    raises while the stream is read.
+    """
+    from .data.sources import _is_readable
+
+    skipped: list = []
+    if not _is_image_column(stream, image_column):
+        return stream, skipped
+
+    def readable(example: dict) -> bool:
+        value = example[image_column]
+        if _is_readable(value):
+            return True
+        name = value.get("path") or "(bytes without a path)"
+        if strict:
+            raise ValueError(f"unreadable image {name!r} in the stream; fix or remove it, or drop --strict_data "
+                             "to skip unreadable images with a warning")
+        skipped.append(name)
+        return False
+
+    # The check decodes each image once more; a cast back to decode=True after `filter` is ignored by
+    # `datasets`, so `encode_stream` decodes the undecoded values itself.
+    return _undecoded(stream, image_column).filter(readable), skipped
+
+
+def _is_image_column(stream: datasets.IterableDataset, column: str) -> bool:
+    return stream.features is not None and isinstance(stream.features.get(column), datasets.Image)
+
+
+def _undecoded(stream: datasets.IterableDataset, column: str) -> datasets.IterableDataset:
+    """The stream with its `Image` column left as {"bytes", "path"} (so that a filter need not decode it)."""
+    if not _is_image_column(stream, column) or not stream.features[column].decode:
+        return stream
+    return stream.cast_column(column, datasets.Image(decode=False))
+
+
+def _decode_image(value: Any) -> Any:
+    """An undecoded `Image` value ({"bytes", "path"}) as a PIL image; anything else as it is."""
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        return datasets.Image().decode_example(value)
+    return value
+
+
 def encode_dataset(tokenizer: VQTokenizer, dataset_dict: datasets.DatasetDict, output_dir: str | Path, *,
                    resolution: int, batch_size: int = 64, shard_size: int = 10_000,
-                   tokenizer_source: str | None = None) -> tuple[datasets.DatasetDict, dict[str, Any]]:
-    """Encode every split of `dataset_dict`; returns the token datasets and the metadata written to tokens.json."""
+                   tokenizer_source: str | None = None,
+                   source: dict[str, Any] | None = None) -> tuple[datasets.DatasetDict, dict[str, Any]]:
+    """Encode every split of `dataset_dict`; returns the token datasets and the metadata written to tokens.json.
+
+    `source` (e.g. the data flags) is recorded with each split's shards; see `encode_split`.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = PartialState(cpu=cpu_only_multiprocess())
     encoded = datasets.DatasetDict({
         name: encode_split(tokenizer, split, output_dir / name, resolution=resolution, batch_size=batch_size,
-                           shard_size=shard_size, state=state)
+                           shard_size=shard_size, state=state, source=source)
         for name, split in dataset_dict.items()
     })
     label_feature = next((s.features.get("label") for s in dataset_dict.values() if "label" in s.column_names), None)
@@ -206,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--shard_size", type=int, default=10_000, help="images per resumable shard")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seeds the validation split and the --max_train_samples subset (default 0); "
+                             "a stream is read in order, so --streaming rejects it")
     parser.add_argument("--streaming", action="store_true",
                         help="read --dataset_name / --train_data_dir as a stream: bounded memory for any dataset size")
     add_data_args(parser)
@@ -228,31 +355,63 @@ def main(argv: list[str] | None = None) -> None:
             dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, embedded=args.dataset,
             dataset_config_name=args.dataset_config_name, image_column=args.image_column,
             label_column=args.label_column, validation_split=args.validation_split, resolution=args.resolution,
-            seed=args.seed, cache_dir=args.cache_dir, strict_data=args.strict_data, max_samples=args.max_train_samples)
+            seed=0 if args.seed is None else args.seed, cache_dir=args.cache_dir, strict_data=args.strict_data,
+            max_samples=args.max_train_samples)
     _, metadata = encode_dataset(tokenizer, images, args.output_dir, resolution=args.resolution,
                                  batch_size=args.batch_size, shard_size=args.shard_size,
-                                 tokenizer_source=args.tokenizer)
+                                 tokenizer_source=args.tokenizer, source=_source_params(args))
     state.print(json.dumps(metadata, indent=2))
+
+
+def _source_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The data flags that decide which images are encoded, recorded with the shards to check a resume."""
+    folder = str(Path(args.train_data_dir).resolve()) if args.train_data_dir else None
+    return {"dataset": args.dataset, "dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
+            "train_data_dir": folder, "image_column": args.image_column, "label_column": args.label_column,
+            "validation_split": args.validation_split, "max_train_samples": args.max_train_samples,
+            "seed": 0 if args.seed is None else args.seed}
 
 
 def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
     """`vqstack encode --streaming`: train and validation splits, streamed from the Hub or a local image folder."""
     if args.dataset is not None:
         raise ValueError("--streaming reads --dataset_name or --train_data_dir; embedded datasets are small")
-    if args.dataset_name:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=True)
-    elif args.train_data_dir:
-        raw = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, streaming=True)
-    else:
+    if args.seed is not None:
+        raise ValueError("--seed has no effect with --streaming: the stream is read in order (the validation split "
+                         "holds out every n-th example, --max_train_samples keeps the first ones); drop --seed")
+    if not (args.dataset_name or args.train_data_dir):
         raise ValueError("--streaming needs --dataset_name or --train_data_dir")
+    state = PartialState(cpu=cpu_only_multiprocess())
+    if not state.is_main_process:
+        # A stream is read in order from its start, so it cannot be cut into shards per process without every
+        # process reading it all; only the main process encodes. The others leave now instead of waiting at a
+        # barrier, which would time out (30 minutes by default) long before a large stream is encoded.
+        logger.info("process %d: --streaming encodes on the main process only; nothing to do here",
+                    state.process_index)
+        return
+    if state.num_processes > 1:
+        logger.warning("--streaming encodes on the main process only; the other %d process(es) exit",
+                       state.num_processes - 1)
+    if args.dataset_name:
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=True,
+                                    cache_dir=args.cache_dir)
+    else:
+        raw = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, streaming=True,
+                                    cache_dir=args.cache_dir)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer.to(state.device)
+    # Undecoded from the start: the positional filters of `streaming_splits` would otherwise decode every image,
+    # held-out ones included, and fail on an unreadable one before `encode_stream` can skip it.
+    image_column = args.image_column or "image"
+    raw = datasets.IterableDatasetDict({name: _undecoded(split, image_column) for name, split in raw.items()})
     encoded = {}
     for name, stream in streaming_splits(raw, args.validation_split).items():
         encoded[name] = encode_stream(
             tokenizer, stream, output_dir / name, resolution=args.resolution, batch_size=args.batch_size,
-            shard_size=args.shard_size, image_column=args.image_column or "image",
-            label_column=args.label_column or "label",
+            shard_size=args.shard_size, image_column=image_column,
+            label_column=args.label_column or "label", strict_data=args.strict_data,
+            max_samples=args.max_train_samples if name == "train" else None, source=_source_params(args),
         )
     labelled = all("label" in split.column_names for split in encoded.values())
     metadata = {"grid_shape": list(tokenizer.token_grid_shape(args.resolution, args.resolution)),

@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     # metric networks first: a bad weights file fails before the tokenizer or the dataset is fetched
+    if args.lpips_weights is not None and not Path(args.lpips_weights).is_file():
+        raise FileNotFoundError(f"--lpips_weights {args.lpips_weights!r} is not a file; expected torchvision's VGG16 "
+                                "weights (vgg16-397923af.pth)")
     perceptual = LPIPSLoss(trunk_weights=args.lpips_weights) if lpips_available(trunk_weights=args.lpips_weights) else None
     fid_weights = resolve_fid_weights(args.fid_weights)
     fid = ReconstructionFID(weights=fid_weights) if fid_weights is not None else None
@@ -115,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     metrics, _ = evaluate_tokenizer(tokenizer, loader, max_batches=args.max_batches, perceptual=perceptual, fid=fid)
     metrics.update(tokenizer=args.tokenizer, dataset=source, split=args.split, resolution=args.resolution)
     if perceptual is None:
-        metrics["lpips"] = None  # the VGG16 trunk is not available locally (see --lpips_weights)
+        metrics["lpips"] = None
+        print("LPIPS not computed: the VGG16 trunk is not available locally; pass --lpips_weights PATH",
+              file=sys.stderr)
     if fid is None:
         metrics["rfid"] = None
         print(f"rFID not computed: no FID Inception weights at {fid_weights_cache_path()}; pass --fid_weights PATH",

@@ -85,7 +85,7 @@ def run_quickstart(args: argparse.Namespace) -> dict:
         "--config", "quickstart", "--perceptual_weight", "0", "--learning_rate", "1e-3",
         "--lr_scheduler", "cosine", "--train_batch_size", str(budget["tokenizer_batch"]),
         "--max_train_steps", str(budget["tokenizer_steps"]), "--checkpointing_steps", str(budget["tokenizer_steps"]),
-        "--checkpoints_total_limit", "1", "--validation_steps", str(budget["tokenizer_steps"]),
+        "--checkpoints_total_limit", "1", "--overwrite_output_dir", "--validation_steps", str(budget["tokenizer_steps"]),
         *common,
     ])
     tokenizer_dir = train_tokenizer(tokenizer_args)
@@ -120,7 +120,7 @@ def run_quickstart(args: argparse.Namespace) -> dict:
         "--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", str(budget["prior_steps"] // 20),
         "--adam_weight_decay", "0.01",
         "--max_train_steps", str(budget["prior_steps"]), "--checkpointing_steps", str(budget["prior_steps"]),
-        "--checkpoints_total_limit", "1", "--validation_steps", str(budget["prior_steps"]), *common,
+        "--checkpoints_total_limit", "1", "--overwrite_output_dir", "--validation_steps", str(budget["prior_steps"]), *common,
     ])
     prior_dir = train_prior(prior_args)
     timings["prior_training_s"] = time.perf_counter() - start

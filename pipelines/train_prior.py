@@ -117,7 +117,7 @@ def train_prior(args: argparse.Namespace) -> Path:
     val_loader = evaluation_dataloader(tokens["validation"], args.train_batch_size, collate_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay)
-    scheduler = make_scheduler(args, optimizer)
+    scheduler = make_scheduler(args, optimizer, accelerator)
     model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader, val_loader)
     ema = ExponentialMovingAverage(unwrap_float32(accelerator, model), args.ema_decay) if args.use_ema else None

@@ -7,7 +7,9 @@ one CPU, one GPU or many processes. Checkpoints are atomic and a resumed run rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -138,7 +140,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     val_loader = evaluation_dataloader(datasets["validation"], args.train_batch_size, collate_images)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                  weight_decay=args.adam_weight_decay)
-    scheduler = make_scheduler(args, optimizer)
+    scheduler = make_scheduler(args, optimizer, accelerator)
     model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader, val_loader)
     loss_fn.to(accelerator.device)
@@ -186,7 +188,9 @@ def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_op
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     with accelerator.accumulate(model):
         last_layer = unwrap_float32(accelerator, model).get_last_layer()
-        with accelerator.autocast():
+        # The generator's GAN term reaches the reconstruction through the discriminator but must leave no
+        # gradients on it: they would mix with the discriminator's own, accumulated over the micro-batches.
+        with frozen(loss_fn.discriminator), accelerator.autocast():
             out = model(pixels)
             loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, out.quantizer_loss, last_layer, step)
         if guard.is_bad(accelerator, loss):
@@ -194,19 +198,34 @@ def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_op
             return {"skipped_nonfinite_steps": guard.skipped}
         apply_gradients(accelerator, model, loss, optimizer, scheduler, args)
         if disc_optimizer is not None and loss_fn.discriminator_active(step):
-            # The generator's GAN term also left gradients on the discriminator: clear them first.
-            disc_optimizer.zero_grad(set_to_none=True)
             with accelerator.autocast():
                 d_loss, d_logs = loss_fn.discriminator_loss(pixels, out.reconstruction.detach(), step)
             if not guard.is_bad(accelerator, d_loss):
-                accelerator.backward(d_loss)
+                accelerator.backward(d_loss)  # scaled by 1 / gradient_accumulation_steps
+            if accelerator.sync_gradients:  # the last micro-batch of the step
                 _average_gradients(accelerator, loss_fn.discriminator)
                 disc_optimizer.step()
-            disc_optimizer.zero_grad(set_to_none=True)
+                disc_optimizer.zero_grad(set_to_none=True)
             logs.update(d_logs)
     logs.update(loss=float(loss.detach()), usage=float(out.stats.usage), perplexity=float(out.stats.perplexity),
                 lr=scheduler.get_last_lr()[0])
     return logs
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module | None) -> Iterator[None]:
+    """Parameters of `module` do not require gradients inside the block (gradients still flow through it)."""
+    if module is None:
+        yield
+        return
+    flags = [(parameter, parameter.requires_grad) for parameter in module.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 def _average_gradients(accelerator, module: torch.nn.Module) -> None:

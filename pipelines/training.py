@@ -7,6 +7,7 @@ everything that makes a run reproducible and resumable lives here, so it is writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -19,12 +20,17 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    set_seed,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpointing import resolve_resume, save_checkpoint
+from .checkpointing import check_output_dir, resolve_resume, save_checkpoint
 
 logger = logging.getLogger(__name__)
 TRAINING_STATE_NAME = "training_state.json"
@@ -51,6 +57,8 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoints_total_limit", type=int, default=3)
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
                        help='a checkpoint folder, or "latest" to continue from the newest one in --output_dir')
+    group.add_argument("--overwrite_output_dir", action="store_true",
+                       help="start over in an --output_dir that holds checkpoints of another run, deleting them")
     group.add_argument("--validation_steps", type=int, default=500)
     group.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the weights")
     group.add_argument("--ema_decay", type=float, default=0.999)
@@ -91,7 +99,11 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     accelerator = Accelerator(
         cpu=cpu_only_multiprocess(),
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # Every `gradient_accumulation_steps` micro-batches make one optimizer step, across epoch boundaries too:
+        # by default accelerate also steps at the end of each epoch, which would make step counts drift and
+        # break resuming from a checkpoint.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps,
+                                                                sync_with_dataloader=False),
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "logs")),
         # The sampler's order depends only on (seed, epoch), so a resumed run sees the same batches.
@@ -113,11 +125,17 @@ def cpu_only_multiprocess() -> bool:
     return not has_accelerator and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer):
+def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, accelerator: Accelerator):
+    """The learning-rate schedule over `max_train_steps` optimizer steps.
+
+    Once prepared, accelerate steps a scheduler once per process at every optimizer step, so the schedule is
+    laid out over `num_processes` times as many steps (as in the diffusers training examples).
+    """
     from transformers import get_scheduler
 
-    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                         num_training_steps=args.max_train_steps)
+    processes = accelerator.num_processes
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * processes,
+                         num_training_steps=args.max_train_steps * processes)
 
 
 def training_dataloader(dataset, args: argparse.Namespace, collate_fn) -> DataLoader:
@@ -166,6 +184,19 @@ class ExponentialMovingAverage:
     def copy_to(self, model: nn.Module) -> None:
         state = model.state_dict()
         model.load_state_dict({**state, **{k: v.to(state[k].dtype) for k, v in self.shadow.items()}}, strict=True)
+
+    @contextlib.contextmanager
+    def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Inside the block `model` holds the EMA weights; its own are put back, bit for bit, afterwards."""
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                state = model.state_dict()
+                for key, value in backup.items():
+                    state[key].copy_(value)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
@@ -228,13 +259,20 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, guard: NonF
                  extra_state: dict[str, Any]) -> int:
     """Load the checkpoint named by --resume_from_checkpoint; return the step to continue from (0 for a new run)."""
     path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    check_output_dir(accelerator, args.output_dir, path, args.overwrite_output_dir)
     if path is None:
         return 0
     accelerator.load_state(str(path))
     state = json.loads((path / TRAINING_STATE_NAME).read_text())
     for name, obj in extra_state.items():
+        if not (path / f"{name}.safetensors").is_file():
+            flag = " (it was written by a run without --use_ema)" if name == "ema" else ""
+            raise FileNotFoundError(f"checkpoint {path} has no {name}.safetensors{flag}; resume with the flags of the "
+                                    "run that wrote it, or start a new run")
         tensors = load_file(str(path / f"{name}.safetensors"), device=str(accelerator.device))
         obj.load_state_dict(tensors)  # nn.Module.load_state_dict is strict by default
+    if "ema" not in extra_state and (path / "ema.safetensors").is_file():
+        logger.warning("checkpoint %s holds EMA weights, but this run has no --use_ema: they are not used", path)
     guard.skipped = state.get("skipped_nonfinite_steps", 0)
     accelerator.print(f"resumed from {path} at step {state['global_step']}")
     return int(state["global_step"])
@@ -292,7 +330,10 @@ def run_training_steps(accelerator: Accelerator, args: argparse.Namespace, model
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             save_training_checkpoint(accelerator, args, step, guard, extra_state, model)
         if step % args.validation_steps == 0 or step == args.max_train_steps:
-            metrics = validate(step)
+            # Validation measures the weights that will be exported: the EMA's when it is kept.
+            weights = ema.applied_to(unwrap_float32(accelerator, model)) if ema is not None else contextlib.nullcontext()
+            with weights:
+                metrics = validate(step)
     bar.close()
     return step, metrics
 

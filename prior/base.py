@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from .configuration import PriorConfig, config_from_dict
@@ -250,10 +249,15 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
         _atomic_write(save_directory / CONFIG_NAME, lambda path: Path(path).write_text(config_text))
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         metadata = {"format": "pt", "prior_type": self.prior_type}
-        _atomic_write(save_directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata=metadata))
+        # Serialized in memory and written by Python: safetensors' own file writer creates files with mode 0600.
+        weights = save(state, metadata=metadata)
+        _atomic_write(save_directory / WEIGHTS_NAME, lambda path: Path(path).write_bytes(weights))
         if self.training_metrics:
             metrics_text = json.dumps(self.training_metrics, indent=2, sort_keys=True)
             _atomic_write(save_directory / TRAINING_METRICS_NAME, lambda path: Path(path).write_text(metrics_text))
+        else:
+            # A metrics file left by an earlier save to this folder describes other weights.
+            (save_directory / TRAINING_METRICS_NAME).unlink(missing_ok=True)
 
     @classmethod
     def from_pretrained(
@@ -302,6 +306,9 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"{filename} not found in {model_id!r}: not a saved vqstack prior")
                 return path
+            if os.path.exists(model_id) or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+                raise FileNotFoundError(f"{model_id!r} is neither a folder written by save_pretrained nor a Hub "
+                                        "repo id like 'user/name'")
             return hf_hub_download(
                 repo_id=model_id, filename=filename, revision=revision, cache_dir=cache_dir,
                 force_download=force_download, token=token, local_files_only=local_files_only,
@@ -339,10 +346,17 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
             for name, tensor in expected.items()
             if name in state and state[name].shape != tensor.shape
         ]
-        if missing or unexpected or mis_shaped:
+        # Floating-point precision may differ (a bf16 file loads into float32), the kind of number may not: an
+        # integer tensor where weights are expected would otherwise be cast silently.
+        mistyped = [
+            f"{name}: file {state[name].dtype} vs model {tensor.dtype}"
+            for name, tensor in expected.items()
+            if name in state and not _same_dtype_kind(state[name].dtype, tensor.dtype)
+        ]
+        if missing or unexpected or mis_shaped or mistyped:
             raise ValueError(
                 f"{weights_path} does not match {type(self).__name__}({self.config}): "
-                f"missing {missing}, unexpected {unexpected}, mis-shaped {mis_shaped}"
+                f"missing {missing}, unexpected {unexpected}, mis-shaped {mis_shaped}, wrong dtype {mistyped}"
             )
         self.load_state_dict(state, strict=True)
 
@@ -373,10 +387,20 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
         return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
+def _same_dtype_kind(file_dtype: torch.dtype, model_dtype: torch.dtype) -> bool:
+    """Both floating point (any precision), or the very same non-floating dtype."""
+    if file_dtype.is_floating_point or model_dtype.is_floating_point:
+        return file_dtype.is_floating_point and model_dtype.is_floating_point
+    return file_dtype == model_dtype
+
+
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write through `write(tmp_path)` then rename, so an interrupted save never leaves a half file."""
-    handle, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    """Write through `write(tmp_path)` then rename, so an interrupted save never leaves a half file.
+
+    The temporary file is created by `write` itself (not by mkstemp, whose 0600 mode the rename would keep), so
+    the saved files get the usual permissions of the user's umask.
+    """
+    tmp_path = str(path.with_name(f".{path.name}.tmp"))
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
@@ -392,8 +416,8 @@ def _read_training_metrics(model_id: str, resolve) -> dict[str, float]:
     except (FileNotFoundError, EntryNotFoundError):
         return {}
     try:
-        metrics = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
+        metrics = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
         raise ValueError(f"{path} must map metric names to numbers")

@@ -35,7 +35,8 @@ def filter_logits(
 ) -> Tensor:
     """Apply temperature, then top-k, then top-p (nucleus) filtering to `logits` of shape (..., K).
 
-    Removed entries are set to -inf; the result is float32. `top_k` larger than K keeps everything. Top-p keeps
+    Removed entries are set to -inf; the result is float32. With `temperature != 1` each row is shifted so that its
+    maximum is 0 before the division (softmax is unchanged), so a tiny temperature tends to argmax. `top_k` larger than K keeps everything. Top-p keeps
     the smallest set of most probable tokens whose probability (after top-k) reaches `top_p`, and always keeps
     the most probable token (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration").
     """
@@ -47,7 +48,9 @@ def _filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p:
     """`filter_logits` without argument checks, for the per-token sampling loops."""
     logits = logits.float()
     if temperature != 1.0:
-        logits = logits / temperature
+        # Shifted so that the largest logit is 0 before dividing: a tiny temperature then tends to argmax
+        # (the others underflow to -inf) instead of overflowing to +inf.
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         # unsorted top-k and its minimum: the same threshold as sorted top-k's last value, about 25% faster
         kth_largest = torch.topk(logits, top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # (..., 1)
@@ -72,6 +75,12 @@ def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None)
     """
     probs = logits.float().softmax(dim=-1)  # (N, K)
     cdf = probs.cumsum(dim=-1)  # (N, K)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):
+        # NaN or +inf logits (a diverged network, an fp16 overflow): searchsorted would return K, an index
+        # outside the codebook.
+        bad = (~torch.isfinite(cdf[:, -1])).nonzero().flatten().tolist()
+        raise ValueError(f"logits of rows {bad[:5]} contain NaN or +inf; cannot sample from them (check the prior's "
+                         "weights and the guidance scale)")
     uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)  # (N, 1) in [0, 1)
     tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # (N, 1)
     return tokens.squeeze(-1)

@@ -150,7 +150,12 @@ def test_evaluate_tokenizer_command(workdir, tmp_path, capsys, monkeypatch):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["num_images"] == 32 and 0 < metrics["codebook_usage"] <= 1 and metrics["psnr"] > 0
     assert metrics["lpips"] is None and metrics["rfid"] is None  # no VGG16 trunk, no FID Inception weights
-    assert "--fid_weights PATH" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--fid_weights PATH" in err and "--lpips_weights PATH" in err
+    # a mistyped --lpips_weights path is an error, not a silently missing metric
+    with pytest.raises(FileNotFoundError, match="--lpips_weights .* is not a file"):
+        main(["evaluate-tokenizer", "--tokenizer", str(workdir / "tok" / "tokenizer"), "--dataset", "digits",
+              "--lpips_weights", str(tmp_path / "missing-vgg16.pth")])
 
 
 def test_evaluate_tokenizer_reports_rfid_with_local_inception_weights(workdir, tmp_path, fid_weights_file):

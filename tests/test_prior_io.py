@@ -1,6 +1,7 @@
 """Save/load of the priors: round trips, strict config and weight checks, Hub upload with a model card."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,15 @@ def test_strict_weight_errors(saved):
     with pytest.raises(ValueError, match=f"mis-shaped.*{name}"):
         load_prior(folder)
 
+    floats = [key for key, value in state.items() if value.is_floating_point()]
+    save_file({**state, floats[0]: state[floats[0]].long()}, weights_path)
+    with pytest.raises(ValueError, match=f"wrong dtype.*{floats[0]}: file torch.int64"):
+        load_prior(folder)
+
+    save_file({key: value.bfloat16() if value.is_floating_point() else value for key, value in state.items()},
+              weights_path)
+    assert load_prior(folder) is not None  # another float precision loads (cast to the model's)
+
     weights_path.write_bytes(b"\x00\x01 definitely not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_prior(folder)
@@ -139,6 +149,32 @@ def test_strict_weight_errors(saved):
     weights_path.unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
         load_prior(folder)
+
+
+def test_saved_files_follow_the_umask(prior, tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        prior.training_metrics = {"val_bits_per_token": 1.5}
+        prior.save_pretrained(tmp_path / "prior")
+    finally:
+        os.umask(old_umask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "prior").iterdir()}
+    assert modes == dict.fromkeys(["README.md", "config.json", "model.safetensors", "training_metrics.json"], 0o644)
+
+
+def test_resave_without_metrics_drops_the_old_metrics_file(prior, tmp_path):
+    prior.training_metrics = {"val_bits_per_token": 1.23}
+    prior.save_pretrained(tmp_path / "prior")
+    assert load_prior(tmp_path / "prior").training_metrics == {"val_bits_per_token": 1.23}
+    prior.training_metrics = {}
+    prior.save_pretrained(tmp_path / "prior")
+    assert load_prior(tmp_path / "prior").training_metrics == {}
+    assert not (tmp_path / "prior" / "training_metrics.json").exists()
+
+
+def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a folder written by save_pretrained nor a Hub repo id"):
+        load_prior(str(tmp_path / "no" / "such" / "prior"))
 
 
 def test_push_to_hub_uploads_weights_config_and_card(prior, monkeypatch):

@@ -35,7 +35,17 @@ def test_filter_temperature_divides_and_returns_float32():
     logits = torch.tensor([[2.0, 1.0, -1.0]], dtype=torch.bfloat16)
     filtered = filter_logits(logits, temperature=0.5)
     assert filtered.dtype == torch.float32
-    torch.testing.assert_close(filtered, logits.float() / 0.5)
+    # The same distribution as logits / 0.5, shifted so that the row's maximum is 0.
+    torch.testing.assert_close(filtered, (logits.float() - 2.0) / 0.5)
+    torch.testing.assert_close(filtered.softmax(-1), (logits.float() / 0.5).softmax(-1))
+
+
+def test_tiny_temperature_tends_to_argmax_instead_of_overflowing():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [-5.0, -7.0, -6.0]])
+    filtered = filter_logits(logits, temperature=1e-40)  # logits / 1e-40 alone would overflow to +-inf
+    assert not torch.isnan(filtered).any()
+    tokens = sample_from_logits(filtered, torch.Generator().manual_seed(0))
+    assert tokens.tolist() == [1, 0]
 
 
 def test_filter_top_k_keeps_exactly_the_k_largest():
@@ -95,6 +105,14 @@ def test_sample_from_logits_follows_softmax_and_never_picks_removed_tokens():
     assert abs((tokens == 0).float().mean().item() - 0.7) < 0.02
     again = sample_from_logits(logits, torch.Generator().manual_seed(0))
     assert torch.equal(tokens, again)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sample_from_logits_rejects_non_finite_rows(bad):
+    # searchsorted on a NaN distribution would return K, an index outside the codebook.
+    logits = torch.tensor([[1.0, 0.0, 1.0], [1.0, bad, 1.0]])
+    with pytest.raises(ValueError, match=r"rows \[1\] contain NaN or \+inf"):
+        sample_from_logits(logits)
 
 
 def test_guide_logits_formula():

@@ -1,6 +1,7 @@
 """Saving, loading and pushing tokenizers; every malformed file fails with a clear error."""
 
 import json
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -89,7 +90,7 @@ def test_corrupt_weights_file(saved):
         VQTokenizer.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("problem", ["missing", "extra", "mis-shaped"])
+@pytest.mark.parametrize("problem", ["missing", "extra", "mis-shaped", "wrong dtype"])
 def test_mismatched_weights(saved, problem):
     _, folder = saved
     state = load_file(folder / "model.safetensors")
@@ -98,11 +99,64 @@ def test_mismatched_weights(saved, problem):
         del state[key]
     elif problem == "extra":
         state["discriminator.weight"] = torch.zeros(1)
-    else:
+    elif problem == "mis-shaped":
         state[key] = torch.zeros(2, 2)
+    else:
+        state[key] = state[key].long()  # would otherwise be cast to float silently
     save_file(state, folder / "model.safetensors")
     with pytest.raises(WeightsError, match=problem if problem != "extra" else "unexpected tensors"):
         VQTokenizer.from_pretrained(folder)
+
+
+def test_weights_in_another_float_precision_load(saved):
+    tok, folder = saved
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()}, folder / "model.safetensors")
+    loaded = VQTokenizer.from_pretrained(folder)
+    assert loaded.encoder.conv_in.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.encoder.conv_in.weight, tok.encoder.conv_in.weight.bfloat16().float())
+
+
+def test_saved_files_follow_the_umask_and_leave_no_temporary_files(tmp_path):
+    tok = VQTokenizer.from_preset("tiny")
+    tok.training_info = {"steps": 3}
+    old_umask = os.umask(0o022)
+    try:
+        tok.save_pretrained(tmp_path / "tok")
+    finally:
+        os.umask(old_umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "tok").iterdir()}
+    assert modes == dict.fromkeys(["README.md", "config.json", "model.safetensors", "preprocessor_config.json",
+                                   "training_info.json"], 0o644)
+
+
+def test_resave_without_training_info_drops_the_old_file(tmp_path):
+    tok = VQTokenizer.from_preset("tiny")
+    tok.training_info = {"steps": 3}
+    tok.save_pretrained(tmp_path / "tok")
+    assert VQTokenizer.from_pretrained(tmp_path / "tok").training_info == {"steps": 3}
+    tok.training_info = {}
+    tok.save_pretrained(tmp_path / "tok")
+    assert not (tmp_path / "tok" / "training_info.json").exists()
+    assert not VQTokenizer.from_pretrained(tmp_path / "tok").training_info
+
+
+def test_interrupted_save_keeps_the_previous_weights(saved, monkeypatch):
+    tok, folder = saved
+    before = (folder / "model.safetensors").read_bytes()
+
+    write_bytes = Path.write_bytes
+
+    def fail(self, data):  # writes part of the file, then fails, as a full disk would
+        write_bytes(self, data[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", fail)
+    with pytest.raises(OSError, match="disk full"):
+        VQTokenizer.from_preset("tiny").save_pretrained(folder)
+    monkeypatch.undo()
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert not list(folder.glob(".*.tmp"))
 
 
 def test_push_to_hub_uploads_weights_config_and_card(tmp_path):

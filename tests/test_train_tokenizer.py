@@ -71,6 +71,82 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         torch.testing.assert_close(da[key], db[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_resume_with_gradient_accumulation_across_epoch_ends(tmp_path):
+    # 20 examples in batches of 4: 5 micro-batches per epoch, so steps of 2 micro-batches straddle epoch ends.
+    common = ["--dataset", "digits", "--max_train_samples", "20", "--gradient_accumulation_steps", "2",
+              "--checkpointing_steps", "3", "--validation_steps", "100", *TINY]
+    straight = run(["--output_dir", str(tmp_path / "a"), "--max_train_steps", "5", *common])
+    run(["--output_dir", str(tmp_path / "b"), "--max_train_steps", "3", *common])
+    resumed = run(["--output_dir", str(tmp_path / "b"), "--max_train_steps", "5", "--resume_from_checkpoint", "latest",
+                   *common])
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    state = json.loads((tmp_path / "a" / "checkpoint-5" / "training_state.json").read_text())
+    assert state["global_step"] == 5
+
+
+def test_discriminator_gradient_is_the_mean_over_micro_batches(tmp_path, monkeypatch):
+    from tokenizer.losses import VQGANLoss
+
+    per_micro_batch, at_step = [], []
+    discriminator_loss, adam_step = VQGANLoss.discriminator_loss, torch.optim.Adam.step
+
+    def spy_loss(self, *args, **kwargs):
+        loss, logs = discriminator_loss(self, *args, **kwargs)
+        weight = self.discriminator.layers[0].weight
+        per_micro_batch.append((weight, torch.autograd.grad(loss, weight, retain_graph=True)[0]))
+        return loss, logs
+
+    def spy_step(self, *args, **kwargs):
+        if per_micro_batch and any(p is per_micro_batch[0][0] for g in self.param_groups for p in g["params"]):
+            at_step.append(per_micro_batch[0][0].grad.clone())
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(VQGANLoss, "discriminator_loss", spy_loss)
+    monkeypatch.setattr(torch.optim.Adam, "step", spy_step)
+    run(["--dataset", "digits", "--max_train_samples", "32", "--output_dir", str(tmp_path / "run"),
+         "--max_train_steps", "2", "--gradient_accumulation_steps", "2", "--adversarial_weight", "0.5",
+         "--disc_start", "0", "--validation_steps", "100", *TINY])
+    assert len(per_micro_batch) == 4 and len(at_step) == 2
+    for step, gradient in enumerate(at_step):
+        # both micro-batches count, and the generator's GAN term leaves nothing on the discriminator
+        expected = (per_micro_batch[2 * step][1] + per_micro_batch[2 * step + 1][1]) / 2
+        torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_new_run_refuses_checkpoints_of_another_run(tmp_path):
+    common = ["--dataset", "digits", "--max_train_samples", "16", "--max_train_steps", "1", "--validation_steps",
+              "100", "--checkpoints_total_limit", "2", *TINY]
+    out = tmp_path / "run"
+    (out / "checkpoint-5000").mkdir(parents=True)  # left by an earlier, longer run
+    with pytest.raises(FileExistsError, match="checkpoint-5000.*--overwrite_output_dir"):
+        run(["--output_dir", str(out), *common])
+    run(["--output_dir", str(out), "--overwrite_output_dir", *common])
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    # resuming from an older checkpoint than the newest one would mix two runs as well
+    (out / "checkpoint-7").mkdir()
+    with pytest.raises(FileExistsError, match="newer than .*checkpoint-1.*checkpoint-7"):
+        run(["--output_dir", str(out), "--resume_from_checkpoint", str(out / "checkpoint-1"), *common])
+
+
+def test_resume_with_use_ema_from_a_checkpoint_without_ema_is_clear(tmp_path):
+    common = ["--dataset", "digits", "--max_train_samples", "16", "--validation_steps", "100",
+              "--output_dir", str(tmp_path / "run"), *TINY]
+    run(["--max_train_steps", "1", *common])
+    with pytest.raises(FileNotFoundError, match=r"no ema.safetensors \(it was written by a run without --use_ema\)"):
+        run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--use_ema", *common])
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    from pipelines.checkpointing import _prune
+
+    for step in (4000, 4500, 500):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    _prune(tmp_path, 2, keep=tmp_path / "checkpoint-500")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4500", "checkpoint-500"]
+
+
 def test_offline_lpips_error_is_clear(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     from tokenizer.losses import PerceptualWeightsUnavailableError
@@ -94,10 +170,13 @@ def test_two_process_accelerate_launch(tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO / "scripts" / "train_tokenizer.py"), "--dataset", "digits", "--max_train_samples", "64",
-               "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
-               "--validation_steps", "2", *TINY]
+               "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "1",
+               "--validation_steps", "2", "--lr_scheduler", "linear", "--learning_rate", "1e-3", *TINY]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     tokenizer = VQTokenizer.from_pretrained(out / "tokenizer")
     assert tokenizer.training_info["batch_size"] == 8  # 4 per process x 2 processes
     assert (out / "checkpoint-2" / "random_states_1.pkl").is_file()
+    # accelerate steps the schedule once per process: after 1 of 2 steps a linear decay is half way, not at 0
+    scheduler = torch.load(out / "checkpoint-1" / "scheduler.bin", weights_only=True)
+    assert scheduler["_last_lr"][0] == pytest.approx(0.5e-3)

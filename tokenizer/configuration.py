@@ -14,6 +14,7 @@ from typing import Any
 
 from .config_fields import check_field_types, dataclass_from_dict, read_json_file
 from .quantizers import QuantizerConfig
+from .weights import write_file_atomically
 
 CONFIG_VERSION = 1  # bumped when the meaning of a saved field changes
 
@@ -112,7 +113,7 @@ class VQTokenizerConfig:
         return dataclass_from_dict(cls, data, source=source)
 
     def to_json_file(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_file_atomically(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> VQTokenizerConfig:

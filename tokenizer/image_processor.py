@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .config_fields import check_field_types, dataclass_from_dict, read_json_file
+from .weights import write_file_atomically
 
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 OutputType = Literal["pil", "np", "pt"]
@@ -118,8 +119,8 @@ class VQImageProcessor:
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, save_directory: str | Path) -> None:
-        path = Path(save_directory) / PROCESSOR_CONFIG_NAME
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        write_file_atomically(Path(save_directory) / PROCESSOR_CONFIG_NAME,
+                              json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> VQImageProcessor:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelHubMixin
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .autoencoder import Decoder, Encoder
@@ -17,7 +17,7 @@ from .configuration import VQTokenizerConfig
 from .image_processor import PROCESSOR_CONFIG_NAME, VQImageProcessor
 from .model_card import tokenizer_model_card
 from .quantizers import CodebookStats, build_quantizer
-from .weights import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_strict, resolve_file
+from .weights import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_strict, resolve_file, write_file_atomically
 
 TRAINING_INFO_NAME = "training_info.json"
 
@@ -183,10 +183,15 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
         """Write config.json, model.safetensors, preprocessor_config.json (and training_info.json)."""
         self.config.to_json_file(save_directory / CONFIG_NAME)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "vqstack"})
+        # Serialized in memory and written by Python: safetensors' own file writer creates files with mode 0600.
+        weights = save(state, metadata={"format": "pt", "library": "vqstack"})
+        write_file_atomically(save_directory / WEIGHTS_NAME, weights)
         self.image_processor.save_pretrained(save_directory)
+        info_path = save_directory / TRAINING_INFO_NAME
         if self.training_info:
-            (save_directory / TRAINING_INFO_NAME).write_text(json.dumps(self.training_info, indent=2) + "\n")
+            write_file_atomically(info_path, json.dumps(self.training_info, indent=2) + "\n")
+        else:
+            info_path.unlink(missing_ok=True)  # left by an earlier save to this folder; it describes other weights
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: str | Path | None = None,

@@ -1,4 +1,5 @@
-"""Reading model files safely: safetensors only, strict key/shape checks, clear errors, Hub or local folder."""
+"""Reading and writing model files safely: safetensors only, strict key/shape/dtype checks, clear errors, Hub or
+local folder, atomic writes."""
 
 from __future__ import annotations
 
@@ -51,6 +52,21 @@ def resolve_file(model_id: str, filename: str, *, required: bool = True, **hub_k
         return None
 
 
+def write_file_atomically(path: str | Path, data: bytes | str) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`: an interrupted save never
+    leaves a half-written file, and the file gets the permissions of the user's umask."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        if isinstance(data, str):
+            temporary.write_text(data, encoding="utf-8")
+        else:
+            temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> None:
     """Load a safetensors file into `model`, refusing missing, unexpected or mis-shaped tensors."""
     try:
@@ -63,7 +79,13 @@ def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> None:
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    # Floating-point precision may differ (a bf16 file loads into float32), the kind of number may not: an
+    # integer tensor where weights are expected would otherwise be cast silently.
+    mistyped = [f"{k}: file {state[k].dtype} vs model {expected[k].dtype}"
+                for k in sorted(set(state) & set(expected)) if not _same_dtype_kind(state[k].dtype, expected[k].dtype)]
     problems = []
+    if mistyped:
+        problems.append(f"wrong dtype {_preview(mistyped)}")
     if missing:
         problems.append(f"missing tensors {_preview(missing)}")
     if unexpected:
@@ -79,3 +101,10 @@ def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> None:
 def _preview(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} in all)"
+
+
+def _same_dtype_kind(file_dtype: torch.dtype, model_dtype: torch.dtype) -> bool:
+    """Both floating point (any precision), or the very same non-floating dtype."""
+    if file_dtype.is_floating_point or model_dtype.is_floating_point:
+        return file_dtype.is_floating_point and model_dtype.is_floating_point
+    return file_dtype == model_dtype

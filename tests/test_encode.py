@@ -1,0 +1,148 @@
+"""`vqstack encode`: resumes refuse shards written with other parameters; --streaming honours the data flags."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import encode
+from pipelines.encode import encode_split, load_token_dataset
+from tokenizer import VQTokenizer, VQTokenizerConfig
+
+
+def tiny_tokenizer(seed: int = 0) -> VQTokenizer:
+    torch.manual_seed(seed)
+    return VQTokenizer(VQTokenizerConfig.from_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def images(count: int, size: int = 32) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def image_folder(root: Path, count: int) -> Path:
+    for index, image in enumerate(images(count)):
+        folder = root / ("cats" if index % 2 else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index:03d}.png")
+    return root
+
+
+def failing_save(on_call: int, error: BaseException):
+    """`save_to_disk` that raises `error` on its `on_call`-th call: an encode interrupted after some shards."""
+    real_save = datasets.Dataset.save_to_disk
+    calls = []
+
+    def save(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == on_call:
+            raise error
+        return real_save(self, path, *args, **kwargs)
+
+    return mock.patch.object(datasets.Dataset, "save_to_disk", save)
+
+
+@pytest.fixture
+def interrupted(tmp_path):
+    """Ten images whose encode (shard_size 4, tokenizer seed 0) stopped after its first shard."""
+    dataset = datasets.Dataset.from_dict({"image": images(10)}, features=datasets.Features({"image": datasets.Image()}))
+    with failing_save(2, OSError("disk full")), pytest.raises(OSError, match="disk full"):
+        encode_split(tiny_tokenizer(), dataset, tmp_path / "train", resolution=32, shard_size=4)
+    assert [p.name for p in (tmp_path / "train.shards").glob(encode.SHARD_GLOB)] == ["shard-00000"]
+    return dataset, tmp_path / "train"
+
+
+def test_resume_with_the_same_parameters_reuses_the_shards(interrupted, tmp_path):
+    dataset, target = interrupted
+    resumed = encode_split(tiny_tokenizer(), dataset, target, resolution=32, shard_size=4)
+    fresh = encode_split(tiny_tokenizer(), dataset, tmp_path / "fresh", resolution=32, shard_size=4)
+    assert len(resumed) == 10
+    assert torch.equal(torch.tensor(resumed["indices"]), torch.tensor(fresh["indices"]))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"shard_size": 5}, "shard_size: 4 then, 5 now"),
+    ({"tokenizer": 1}, "tokenizer_sha256"),
+    ({"resolution": 16}, "resolution: 32 then, 16 now"),
+    ({"rows": 8}, "num_rows: 10 then, 8 now"),
+])
+def test_resume_with_other_parameters_is_refused(interrupted, change, message):
+    dataset, target = interrupted
+    if "rows" in change:
+        dataset = dataset.select(range(change["rows"]))
+    with pytest.raises(ValueError, match=message) as error:
+        encode_split(tiny_tokenizer(change.get("tokenizer", 0)), dataset, target,
+                     resolution=change.get("resolution", 32), shard_size=change.get("shard_size", 4))
+    assert "delete that folder" in str(error.value)
+    assert not target.exists()  # nothing merged from the stale shards
+
+
+def test_resume_from_shards_without_a_record_is_refused(interrupted):
+    dataset, target = interrupted
+    (target.with_name("train.shards") / "shard-00000" / encode.PARAMS_NAME).unlink()  # as an older version wrote
+    with pytest.raises(ValueError, match="older version"):
+        encode_split(tiny_tokenizer(), dataset, target, resolution=32, shard_size=4)
+
+
+def streaming_flags(tokenizer_dir: Path, folder: Path, output: Path, *extra: str) -> list[str]:
+    return ["--streaming", "--tokenizer", str(tokenizer_dir), "--train_data_dir", str(folder), "--output_dir",
+            str(output), "--shard_size", "2", "--batch_size", "2", "--validation_split", "0.25", *extra]
+
+
+def test_streaming_max_train_samples_caps_the_train_split(tokenizer_dir, tmp_path):
+    folder = image_folder(tmp_path / "images", 12)  # every 4th image held out: 3 validation, 9 train
+    encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens", "--max_train_samples", "5"))
+    tokens, metadata = load_token_dataset(tmp_path / "tokens")
+    assert metadata["splits"] == {"train": 5, "validation": 3}
+    assert len(tokens["train"]) == 5
+
+
+def test_streaming_resume_with_another_cap_is_refused(tokenizer_dir, tmp_path):
+    folder = image_folder(tmp_path / "images", 12)
+    with failing_save(2, KeyboardInterrupt()), pytest.raises(KeyboardInterrupt):
+        encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens", "--max_train_samples", "6"))
+    with pytest.raises(ValueError, match="max_samples: 6 then, 4 now"):
+        encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens", "--max_train_samples", "4"))
+    encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens", "--max_train_samples", "6"))
+    assert json.loads((tmp_path / "tokens" / "tokens.json").read_text())["splits"] == {"train": 6, "validation": 3}
+
+
+def test_streaming_skips_unreadable_images_unless_strict(tokenizer_dir, tmp_path, caplog):
+    folder = image_folder(tmp_path / "images", 8)
+    (folder / "cats" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "strict", "--strict_data"))
+    encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "lenient"))
+    _, metadata = load_token_dataset(tmp_path / "lenient")
+    assert sum(metadata["splits"].values()) == 8  # the 9th file was skipped
+    assert "skipped 1 unreadable image" in caplog.text
+
+
+def test_streaming_rejects_seed_and_passes_cache_dir(tokenizer_dir, tmp_path):
+    folder = image_folder(tmp_path / "images", 4)
+    with pytest.raises(ValueError, match="--seed has no effect with --streaming"):
+        encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens", "--seed", "1"))
+    with mock.patch.object(datasets, "load_dataset", wraps=datasets.load_dataset) as load:
+        encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens", "--cache_dir", str(tmp_path / "c")))
+    assert load.call_args.kwargs["cache_dir"] == str(tmp_path / "c")
+
+
+def test_streaming_encodes_on_the_main_process_only(tokenizer_dir, tmp_path):
+    folder = image_folder(tmp_path / "images", 4)
+    other = SimpleNamespace(is_main_process=False, process_index=1, num_processes=2, device=torch.device("cpu"))
+    with mock.patch.object(encode, "PartialState", return_value=other):
+        encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens"))
+    assert not (tmp_path / "tokens").exists() and not list(tmp_path.glob("tokens/*.shards"))
