@@ -88,6 +88,8 @@ def build_parser():
     parser.add_argument("--output", type=str, default=None, help="also write the JSON here")
     parser.add_argument("--seed", type=int, default=0)
     add_data_args(parser)
+    # Default: the resolution the tokenizer was trained at (its training_info), else its image processor's, else 32.
+    parser.set_defaults(resolution=None)
     return parser
 
 
@@ -113,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     fid_weights = resolve_fid_weights(args.fid_weights)
     fid = ReconstructionFID(weights=fid_weights) if fid_weights is not None else None
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer)
-    datasets, _, source = load_data(args, tokenizer.config.in_channels)
+    if args.resolution is None:
+        args.resolution = (tokenizer.training_info.get("resolution") or tokenizer.image_processor.resolution or 32)
+    # Every split gets the deterministic resize + center crop: no random crops or flips in the train split either.
+    datasets, _, source = load_data(args, tokenizer.config.in_channels, augment=False)
     loader = DataLoader(datasets[args.split], batch_size=args.batch_size, collate_fn=collate_images)
     metrics, _ = evaluate_tokenizer(tokenizer, loader, max_batches=args.max_batches, perceptual=perceptual, fid=fid)
     metrics.update(tokenizer=args.tokenizer, dataset=source, split=args.split, resolution=args.resolution)

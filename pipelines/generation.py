@@ -143,6 +143,10 @@ class GenerationPipeline:
     def from_pretrained(cls, path_or_repo_id: str | Path, **hub_kwargs: Any) -> GenerationPipeline:
         """Load a pipeline folder, or download one from the Hub (JSON and safetensors files only)."""
         folder = Path(path_or_repo_id)
+        name = str(path_or_repo_id)
+        if not folder.is_dir() and (folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise FileNotFoundError(f"{name!r} is neither a folder written by save_pretrained nor a Hub repo id "
+                                    "like 'user/name'")
         if not folder.is_dir():
             folder = Path(snapshot_download(str(path_or_repo_id), allow_patterns=["*.json", "*.safetensors", "*.md"],
                                             **hub_kwargs))
@@ -229,19 +233,28 @@ def pipeline_model_card(pipeline: GenerationPipeline, sample_grid: str | None) -
     return ModelCard("\n".join(lines))
 
 
+def process_seed(seed: int, process_index: int) -> int:
+    """Process 0 samples with `seed` itself (a one-process run is `pipeline(..., seed=seed)`); the others with a
+    seed derived from (seed, process index), so that runs with neighbouring seeds share no images (with seed + i,
+    process 1 of seed 0 would repeat process 0 of seed 1)."""
+    if process_index == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, process_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def generate_distributed(pipeline: GenerationPipeline, num_images: int, labels: Sequence[int] | None = None,
                          seed: int = 0, **sampling: Any) -> GenerationOutput | None:
     """Split a request over all `accelerate` processes; the main process gets every image, the others None.
 
-    Process i samples its share with seed `seed + i`, so the result is reproducible for a given world size.
+    Process i samples its share with `process_seed(seed, i)`, so the result is reproducible for a given world size.
     """
     state = PartialState(cpu=cpu_only_multiprocess())
     pipeline.to(state.device)
     positions = list(range(num_images))
     with state.split_between_processes(positions) as mine:
         local_labels = [labels[i] for i in mine] if labels is not None else None
-        out = pipeline(len(mine), labels=local_labels, seed=seed + state.process_index, output_type="np",
-                       **sampling) if mine else None
+        out = pipeline(len(mine), labels=local_labels, seed=process_seed(seed, state.process_index),
+                       output_type="np", **sampling) if mine else None
         shard = [] if out is None else list(zip(mine, out.images, out.indices.numpy()))
     gathered = gather_object(shard)
     if not state.is_main_process:
@@ -273,8 +286,13 @@ def _parse_labels(raw: list[str] | None, pipeline: GenerationPipeline, num_image
     if not raw:
         return None
     if raw == ["all"]:
+        if not pipeline.prior.config.num_classes:
+            raise ValueError("--labels all cycles through the classes, but this pipeline's prior is unconditional; "
+                             "drop --labels")
         return [i % pipeline.prior.config.num_classes for i in range(num_images)]
-    labels = [int(x) if x.lstrip("-").isdigit() else x for x in raw]
+    # A class name wins over an id: image-folder classes named "0".."10" are sorted as strings ("10" before "2").
+    names = pipeline.class_names or []
+    labels = [x if x in names else int(x) if x.lstrip("-").isdigit() else x for x in raw]
     if len(labels) == 1:
         labels = labels * num_images
     ids = pipeline._label_ids(labels, num_images)
@@ -283,6 +301,8 @@ def _parse_labels(raw: list[str] | None, pipeline: GenerationPipeline, num_image
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.num_images < 1:
+        raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
     pipeline = GenerationPipeline.from_pretrained(args.pipeline)
     labels = _parse_labels(args.labels, pipeline, args.num_images)
     out = generate_distributed(pipeline, args.num_images, labels=labels, seed=args.seed,

@@ -32,6 +32,16 @@ def reconstruct_files(tokenizer: VQTokenizer, paths: list[str], output_dir: str 
                                  crop_to_multiple=None if resolution else tokenizer.downsample_factor)
     if resolution is not None:
         tokenizer.token_grid_shape(resolution, resolution)  # fails early if not a multiple of the factor
+    targets = [Path(output_dir) / f"{Path(path).stem}.png" for path in paths]
+    clashes = sorted({str(t.name) for t in targets if targets.count(t) > 1})
+    if clashes:
+        raise ValueError(f"several inputs would be written to the same output ({', '.join(clashes)}): their file names "
+                         "differ only in folder or extension; reconstruct them into separate --output_dir folders")
+    inputs = {Path(path).resolve() for path in paths}
+    overwritten = [str(t) for t in targets if t.resolve() in inputs]
+    if overwritten:
+        raise ValueError(f"writing the reconstruction would overwrite the input {overwritten[0]!r}; choose another "
+                         "--output_dir")
     written = []
     for path in map(Path, paths):
         try:

@@ -18,6 +18,7 @@ from tokenizer import VQTokenizer, VQTokenizerConfig
 from tokenizer.losses import VQGANLoss, VQGANLossConfig
 
 from .data import collate_images, load_image_dataset, set_image_transforms
+from .data.sources import DEFAULT_VALIDATION_SPLIT
 from .evaluate import evaluate_tokenizer
 from .images import image_grid, save_image
 from .training import (
@@ -54,7 +55,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label_column", type=str, default=None)
     group.add_argument("--cache_dir", type=str, default=None)
     group.add_argument("--resolution", type=int, default=32, help="training crop size in pixels")
-    group.add_argument("--validation_split", type=float, default=0.05)
+    group.add_argument("--validation_split", type=float, default=DEFAULT_VALIDATION_SPLIT)
     group.add_argument("--max_train_samples", type=int, default=None)
     group.add_argument("--no_random_flip", action="store_true")
     group.add_argument("--strict_data", action="store_true", help="fail on unreadable images instead of skipping")
@@ -104,8 +105,10 @@ def build_tokenizer_config(args: argparse.Namespace, in_channels: int) -> VQToke
     return VQTokenizerConfig.from_preset(args.config, **overrides)
 
 
-def load_data(args: argparse.Namespace, channels: int | None = None):
-    """Train/validation splits with transforms; returns (datasets, channels, source description)."""
+def load_data(args: argparse.Namespace, channels: int | None = None, augment: bool = True):
+    """Train/validation splits with transforms; returns (datasets, channels, source description).
+
+    With `augment=False` the train split gets the validation split's deterministic transform (for evaluation)."""
     datasets = load_image_dataset(
         dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, embedded=args.dataset,
         dataset_config_name=args.dataset_config_name, image_column=args.image_column, label_column=args.label_column,
@@ -115,7 +118,8 @@ def load_data(args: argparse.Namespace, channels: int | None = None):
     if channels is None:
         channels = 1 if datasets["train"][0]["image"].mode in ("L", "1", "I;16") else 3
     datasets = set_image_transforms(datasets, resolution=args.resolution, channels=channels,
-                                    random_flip=not args.no_random_flip, seed=args.seed)
+                                    random_flip=augment and not args.no_random_flip, random_crop=augment,
+                                    seed=args.seed)
     source = args.dataset or args.dataset_name or args.train_data_dir
     return datasets, channels, source
 

@@ -414,3 +414,31 @@ def test_infer_num_classes_from_integer_labels():
     assert infer_num_classes(datasets.Dataset.from_dict({"image": [b""]})) == 0
     with pytest.raises(TypeError, match="dataset must be a datasets.Dataset"):
         infer_num_classes([0, 1])
+
+
+def test_palette_images_are_resized_alike_in_training_and_validation():
+    ramp = np.linspace(0, 255, 40, dtype=np.float64)
+    rgb = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2,
+                    np.full((40, 40), 128.0)], -1).round().astype(np.uint8)
+    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    features = datasets.Features({"image": datasets.Image()})
+    data = datasets.DatasetDict({name: datasets.Dataset.from_dict({"image": [palette]}, features=features)
+                                 for name in ("train", "validation")})
+    set_image_transforms(data, resolution=16, channels=3, random_flip=False, random_crop=False)
+    # PIL resizes palette images with nearest neighbour; both splits must convert to RGB first, then resize
+    torch.testing.assert_close(data["train"][0]["pixel_values"], data["validation"][0]["pixel_values"])
+
+
+def test_folder_without_images_names_the_problem(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no image files found under train_data_dir="):
+        load_image_dataset(train_data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("flags,named", [({"image_column": "img"}, "image_column"),
+                                         ({"label_column": "y"}, "label_column"),
+                                         ({"validation_split": 0.5}, "validation_split")])
+def test_embedded_datasets_refuse_flags_that_do_not_apply(flags, named):
+    with pytest.raises(ValueError, match=f"{named} do not apply to the embedded dataset 'digits'"):
+        load_image_dataset(embedded="digits", **flags)

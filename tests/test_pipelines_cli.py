@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipelines.cli import COMMANDS, main
 from pipelines.encode import load_token_dataset
+from pipelines.evaluate import build_parser as evaluate_parser
 from pipelines.generation import GenerationPipeline, IncompatibleComponentsError
 from prior import TransformerPrior, TransformerPriorConfig, load_prior
 from tokenizer import VQTokenizer
@@ -115,6 +116,32 @@ def test_pipeline_save_load_generate_deterministic(workdir, tmp_path):
         pipe(3, labels=[1, 2])
 
 
+def test_generate_command_rejects_bad_requests(workdir, tmp_path):
+    with pytest.raises(ValueError, match="--num_images must be >= 1, got 0"):
+        main(["generate", "--pipeline", str(workdir / "pipe"), "--output_dir", str(tmp_path / "gen"),
+              "--num_images", "0"])
+    tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
+    unconditional = TransformerPrior(TransformerPriorConfig.from_preset("tiny", grid_shape=(8, 8), codebook_size=32))
+    GenerationPipeline(tokenizer, unconditional).save_pretrained(tmp_path / "unconditional")
+    with pytest.raises(ValueError, match="--labels all cycles through the classes, but this pipeline's prior is "
+                                         "unconditional"):
+        main(["generate", "--pipeline", str(tmp_path / "unconditional"), "--output_dir", str(tmp_path / "gen"),
+              "--num_images", "2", "--labels", "all"])
+
+
+def test_generate_label_names_win_over_ids_and_process_seeds_do_not_collide(workdir, tmp_path):
+    from pipelines.generation import _parse_labels, process_seed
+
+    pipe = GenerationPipeline.from_pretrained(workdir / "pipe")
+    pipe.class_names = ["0", "1", "10", "2", "3", "4", "5", "6", "7", "8"]  # image-folder classes, sorted as strings
+    assert _parse_labels(["2"], pipe, 2) == [3, 3]  # the class named "2", as pipe(labels="2") gives
+    assert pipe._label_ids("2", 1).tolist() == [3]
+    seeds = {(seed, rank): process_seed(seed, rank) for seed in range(4) for rank in range(4)}
+    assert len(set(seeds.values())) == len(seeds) and process_seed(5, 0) == 5
+    with pytest.raises(FileNotFoundError, match="neither a folder written by save_pretrained nor a Hub repo id"):
+        GenerationPipeline.from_pretrained(tmp_path / "no" / "such" / "pipeline")
+
+
 def test_mismatched_tokenizer_and_prior(workdir):
     tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
     wrong_codes = TransformerPrior(TransformerPriorConfig.from_preset("tiny", grid_shape=(8, 8), codebook_size=64))
@@ -136,6 +163,14 @@ def test_generate_and_reconstruct_commands(workdir, tmp_path, capsys):
           "--output_dir", str(tmp_path / "rec")])
     assert Image.open(tmp_path / "rec" / "photo.png").size == (44, 36)
     assert np.load(tmp_path / "rec" / "photo.indices.npy").shape == (9, 11)
+    (tmp_path / "b").mkdir()
+    Image.open(photo).save(tmp_path / "b" / "photo.jpg")
+    with pytest.raises(ValueError, match=r"same output \(photo.png\)"):
+        main(["reconstruct", str(photo), str(tmp_path / "b" / "photo.jpg"), "--tokenizer",
+              str(workdir / "tok" / "tokenizer"), "--output_dir", str(tmp_path / "rec2")])
+    with pytest.raises(ValueError, match="would overwrite the input"):
+        main(["reconstruct", str(photo), "--tokenizer", str(workdir / "tok" / "tokenizer"),
+              "--output_dir", str(tmp_path)])
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read image"):
@@ -156,6 +191,27 @@ def test_evaluate_tokenizer_command(workdir, tmp_path, capsys, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--lpips_weights .* is not a file"):
         main(["evaluate-tokenizer", "--tokenizer", str(workdir / "tok" / "tokenizer"), "--dataset", "digits",
               "--lpips_weights", str(tmp_path / "missing-vgg16.pth")])
+
+
+def test_evaluate_tokenizer_defaults_to_training_resolution_and_plain_crops(workdir, tmp_path):
+    from pipelines.train_tokenizer import load_data
+
+    tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
+    tokenizer.training_info["resolution"] = 24  # as if trained at 24 px (the parser's default is 32)
+    tokenizer.save_pretrained(tmp_path / "tok24")
+    main(["evaluate-tokenizer", "--tokenizer", str(tmp_path / "tok24"), "--dataset", "digits",
+          "--split", "train", "--max_batches", "1", "--batch_size", "8", "--output", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["resolution"] == 24
+    # the train split is evaluated without the training augmentation (random flips)
+    args = evaluate_parser().parse_args(["--tokenizer", "x", "--dataset", "digits", "--resolution", "16"])
+    plain = load_data(args, 1, augment=False)[0]["train"]
+    augmented = load_data(args, 1)[0]["train"]
+    flipped = 0
+    for index in range(16):
+        a, b = plain[index]["pixel_values"], augmented[index]["pixel_values"]
+        assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
+        flipped += not torch.equal(a, b)
+    assert 0 < flipped < 16
 
 
 def test_evaluate_tokenizer_reports_rfid_with_local_inception_weights(workdir, tmp_path, fid_weights_file):

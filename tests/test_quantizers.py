@@ -279,6 +279,9 @@ def test_chunked_search_equals_unchunked_and_brute_force(cosine):
     assert torch.equal(full, torch.cdist(latents.double(), codebook.double()).argmin(dim=1))
     shortlisted = nearest_codes(latents, codebook, cosine=cosine, chunk_size=128, search_dtype=torch.bfloat16)
     assert torch.equal(shortlisted, full)
+    # chunks smaller than the shortlist (8 candidates): the merged shortlist grows chunk by chunk
+    tiny_chunks = nearest_codes(latents, codebook, cosine=cosine, chunk_size=3, search_dtype=torch.bfloat16)
+    assert torch.equal(tiny_chunks, full)
 
 
 @pytest.mark.parametrize("search_dtype", [torch.float32, torch.bfloat16])

@@ -21,6 +21,7 @@ def tok():
         (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, "float tensor in \\[-1, 1\\], got dtype torch.uint8"),
         (torch.zeros(0, 3, 32, 32), ValueError, "empty batch"),
         (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN or Inf"),
+        (torch.full((1, 3, 32, 32), 255.0), ValueError, r"must lie in \[-1, 1\], but \|max\| is 255"),
         (np.zeros((1, 3, 32, 32), dtype=np.float32), TypeError, "must be a torch.Tensor"),
     ],
 )
@@ -91,3 +92,15 @@ def test_processor_errors_and_persistence(tmp_path):
     processor = VQImageProcessor(channels=1, resolution=64)
     processor.save_pretrained(tmp_path)
     assert VQImageProcessor.from_json_file(tmp_path / "preprocessor_config.json") == processor
+
+
+def test_processor_scales_16_bit_grayscale_instead_of_clipping():
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    image = Image.fromarray(ramp)
+    assert image.mode.startswith("I;16") or image.mode == "I"
+    pixels = VQImageProcessor(channels=1).preprocess(image)  # (1, 1, 64, 64)
+    expected = torch.from_numpy(np.round(ramp / 257.0) / 127.5 - 1.0).float()
+    torch.testing.assert_close(pixels[0, 0], expected, atol=1e-6, rtol=0)
+    assert abs(float(pixels.mean())) < 0.01  # a ramp over the whole range averages mid-grey, not white

@@ -44,6 +44,16 @@ def test_config_json_round_trip():
     assert VQTokenizerConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("norm_groups", 0, "norm_groups must be >= 1, got 0"),
+    ("base_channels", 0, "base_channels must be >= 1, got 0"),
+    ("in_channels", 4, r"in_channels must be 1 \(grayscale\) or 3 \(RGB\), got 4"),
+])
+def test_config_rejects_impossible_sizes(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        VQTokenizerConfig.from_preset("tiny", **{field: value})
+
+
 def test_config_wrong_type_named():
     with pytest.raises(TypeError, match=r"base_channels must be int, got '64'"):
         VQTokenizerConfig(base_channels="64")

@@ -99,3 +99,17 @@ def test_tiny_tokenizer_overfits_real_images(real_images):
         after = psnr(tok(x).reconstruction, x)
     assert after > before + 6.0, (before, after)
     assert after > 14.0, after
+
+
+@pytest.mark.parametrize("kind", ["vq", "fsq", "lfq"])
+def test_tokenizer_cast_to_bfloat16_encodes_and_decodes(kind):
+    quantizer = {"vq": {}, "fsq": {"kind": "fsq", "codebook_size": 256}, "lfq": {"kind": "lfq", "codebook_size": 64}}
+    tok = VQTokenizer.from_preset("tiny", quantizer={**quantizer[kind]}).eval()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        reference = tok.encode(images).indices
+        half = tok.to(torch.bfloat16)
+        encoded = half.encode(images)  # float32 images into bf16 convs
+        decoded = half.decode(encoded.indices)
+    assert decoded.dtype == torch.bfloat16 and decoded.shape == (2, 3, 16, 16)
+    assert (encoded.indices == reference).float().mean() > 0.5  # bf16 rounding flips a few near-ties at most

@@ -55,8 +55,11 @@ class VQTokenizerConfig:
         self._check_values()
 
     def _check_values(self) -> None:
-        if self.in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {self.in_channels}")
+        for name in ("base_channels", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.channel_multipliers or min(self.channel_multipliers) < 1:
             raise ValueError(f"channel_multipliers must be a non-empty tuple of ints >= 1, got {self.channel_multipliers}")
         for level in self.attention_levels:

@@ -79,7 +79,7 @@ class VQImageProcessor:
         else:
             raise TypeError(f"images[{position}] has unsupported type {type(image).__name__}; "
                             "expected PIL.Image, numpy array or uint8 torch tensor")
-        return pil.convert("L" if self.channels == 1 else "RGB")
+        return convert_mode(pil, self.channels)
 
     def _fit(self, image: Image.Image) -> Image.Image:
         if self.resolution is not None:
@@ -133,6 +133,26 @@ _FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+
+
+def convert_mode(image: Image.Image, channels: int) -> Image.Image:
+    """`image` in mode "L" (channels 1) or "RGB" (channels 3).
+
+    16-bit grayscale ("I;16", or "I" holding values above 255) is scaled to 8 bits first: PIL's own conversion
+    clips every value above 255 to white. Float images ("F") must already lie in [0, 1].
+    """
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+                raise ValueError("float (mode 'F') images must lie in [0, 1]")
+            array = array * 255.0
+        elif image.mode.startswith("I;16") or array.max() > 255:
+            if array.min() < 0 or array.max() > 65535:
+                raise ValueError(f"mode {image.mode!r} image with values outside [0, 65535]")
+            array = array / 257.0  # 65535 -> 255
+        image = Image.fromarray(array.round().astype(np.uint8))
+    return image.convert("L" if channels == 1 else "RGB")
 
 
 def _array_to_pil(array: np.ndarray, position: int) -> Image.Image:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from .quantizers import CodebookStats, build_quantizer
 from .weights import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_strict, resolve_file, write_file_atomically
 
 TRAINING_INFO_NAME = "training_info.json"
+PIXEL_RANGE_TOLERANCE = 0.01  # accepted overshoot of [-1, 1] (resampling filters ring slightly past the range)
 
 
 @dataclass
@@ -92,7 +94,7 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
     def encode(self, pixel_values: torch.Tensor) -> EncodeOutput:
         """Images (B, C, H, W) in [-1, 1] -> code ids (B, H/f, W/f) and their codes."""
         self._check_pixels(pixel_values)
-        z = self.encoder(pixel_values)  # (B, D, h, w)
+        z = self.encoder(self._as_weight_dtype(pixel_values))  # (B, D, h, w)
         q = self.quantizer(z)
         return EncodeOutput(q.indices, q.quantized, q.commit_loss, q.loss, q.stats)
 
@@ -110,15 +112,20 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
         if quantized.dim() != 4 or quantized.shape[1] != self.config.latent_channels:
             raise ValueError(f"quantized must have shape (B, {self.config.latent_channels}, h, w), "
                              f"got {tuple(quantized.shape)}")
-        return self.decoder(quantized)
+        return self.decoder(self._as_weight_dtype(quantized))
 
     def forward(self, pixel_values: torch.Tensor) -> TokenizerOutput:
         """Encode, quantize and decode: the reconstruction plus the quantizer's loss terms and statistics."""
         self._check_pixels(pixel_values)
-        q = self.quantizer(self.encoder(pixel_values))
-        reconstruction = self.decoder(q.quantized)  # (B, C, H, W)
+        q = self.quantizer(self.encoder(self._as_weight_dtype(pixel_values)))
+        reconstruction = self.decoder(self._as_weight_dtype(q.quantized))  # (B, C, H, W)
         return TokenizerOutput(reconstruction, q.indices, q.loss, q.commit_loss, q.codebook_loss, q.entropy_loss,
                                q.stats)
+
+    def _as_weight_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in the dtype of the conv weights: a tokenizer cast with `.to(torch.bfloat16)` takes float32 images,
+        and its decoder the quantizer's float32 codes. A no-op for float32 weights (also under autocast)."""
+        return x.to(self.decoder.conv_in.weight.dtype)
 
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's last conv weight, where VQGAN's adaptive GAN weight compares gradient norms."""
@@ -148,8 +155,12 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
             raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels, but this tokenizer expects "
                              f"in_channels={self.config.in_channels}")
         self._check_size(pixel_values.shape[2], pixel_values.shape[3])
-        if not torch.isfinite(pixel_values).all():
+        peak = float(pixel_values.detach().abs().amax())  # one reduction for both checks (NaN propagates)
+        if not math.isfinite(peak):
             raise ValueError("pixel_values contains NaN or Inf values")
+        if peak > 1.0 + PIXEL_RANGE_TOLERANCE:
+            raise ValueError(f"pixel_values must lie in [-1, 1], but |max| is {peak:.4g}; convert images in [0, 255] "
+                             "or [0, 1] with tokenizer.image_processor.preprocess(images) (or x * 2 - 1 for [0, 1])")
 
     def _check_indices(self, indices: torch.Tensor) -> None:
         if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex() \

@@ -10,11 +10,14 @@ import warnings
 from pathlib import Path
 
 import datasets
+from datasets.data_files import EmptyDatasetError
 from datasets.exceptions import DatasetNotFoundError
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from ._checks import check_int, check_positive_int
 from .embedded import EMBEDDED_DATASETS, load_embedded_dataset
+
+DEFAULT_VALIDATION_SPLIT = 0.05  # fraction held out when a source has no validation split
 
 LABEL_COLUMN_CANDIDATES = ("label", "labels")
 VALIDATION_SPLIT_CANDIDATES = ("validation", "valid", "val", "test")
@@ -32,7 +35,7 @@ def load_image_dataset(
     dataset_config_name: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
-    validation_split: float = 0.05,
+    validation_split: float = DEFAULT_VALIDATION_SPLIT,
     resolution: int = 32,
     seed: int = 0,
     cache_dir: str | None = None,
@@ -72,6 +75,14 @@ def load_image_dataset(
         check_positive_int("max_samples", max_samples)
 
     if embedded is not None:
+        # Fixed columns and a fixed held-out split: flags that choose them would otherwise be ignored silently.
+        ignored = [flag for flag, given in (("image_column", image_column is not None),
+                                            ("label_column", label_column is not None),
+                                            ("validation_split", validation_split != DEFAULT_VALIDATION_SPLIT))
+                   if given]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} do not apply to the embedded dataset {embedded!r}: its columns and "
+                             "its held-out split are fixed (see load_embedded_dataset)")
         # Generating fewer images is cheaper than generating all of them and dropping most.
         return load_embedded_dataset(embedded, resolution=resolution, seed=seed, num_train=max_samples)
 
@@ -127,7 +138,13 @@ def _load_hub_dataset(
 def _load_image_folder(train_data_dir: str, cache_dir: str | None) -> datasets.DatasetDict:
     if not Path(train_data_dir).is_dir():
         raise ValueError(f"train_data_dir={train_data_dir!r} is not an existing directory; expected a folder of images")
-    return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+    except (EmptyDatasetError, ValueError) as error:
+        if not isinstance(error, EmptyDatasetError) and "corresponds to no data" not in str(error):
+            raise
+        raise ValueError(f"no image files found under train_data_dir={train_data_dir!r} (looked for the extensions "
+                         "datasets' imagefolder reads, e.g. .png, .jpg, .jpeg, .webp, .bmp)") from error
 
 
 def _pick_splits(raw: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset | None]:

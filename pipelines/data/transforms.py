@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from tokenizer import VQImageProcessor
+from tokenizer.image_processor import convert_mode
 
 from ._checks import check_positive_int
 
@@ -73,6 +74,8 @@ class TrainAugmentation:
         images = []
         for image, index in zip(batch["image"], batch["example_index"]):
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + int(index))
+            # Converted before resizing: PIL resizes palette images with nearest neighbour whatever the filter.
+            image = convert_mode(image, self.processor.channels)
             image = _crop(_resize_shorter_side(image, self.resolution), self.resolution, self.random_crop, generator)
             if self.random_flip and torch.rand((), generator=generator) < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

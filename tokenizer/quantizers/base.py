@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
@@ -62,6 +63,15 @@ def rotation_trick(value: Tensor, source: Tensor, eps: float = 1e-12) -> Tensor:
     rotated = source - 2.0 * w * (source * w).sum(1, keepdim=True) + 2.0 * e * (source * u).sum(1, keepdim=True)
     rotated = rotated * (value_norm / source_norm)
     return value + (rotated - rotated.detach())  # forward value bit-identical to `value`
+
+
+class Float32Linear(nn.Linear):
+    """`nn.Linear` computed in float32 even when the module was cast to another dtype (`tokenizer.to(bf16)`):
+    the quantizers' lookups and projections run in float32 by design. Same parameters and state-dict keys."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
 
 
 def to_tokens(z: Tensor) -> Tensor:

@@ -12,7 +12,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantizerOutput, from_tokens, make_output, straight_through, to_tokens
+from .base import (
+    Float32Linear,
+    Quantizer,
+    QuantizerOutput,
+    from_tokens,
+    make_output,
+    straight_through,
+    to_tokens,
+)
 from .config import QuantizerConfig
 
 
@@ -27,8 +35,8 @@ class FiniteScalarQuantizer(Quantizer):
         self.config = config
         self.levels = levels
         channels = len(levels)
-        self.project_in = nn.Linear(embed_dim, channels) if channels != embed_dim else nn.Identity()
-        self.project_out = nn.Linear(channels, embed_dim) if channels != embed_dim else nn.Identity()
+        self.project_in = Float32Linear(embed_dim, channels) if channels != embed_dim else nn.Identity()
+        self.project_out = Float32Linear(channels, embed_dim) if channels != embed_dim else nn.Identity()
         levels_tensor = torch.tensor(levels, dtype=torch.long)
         # Mixed-radix place values: index = sum_i digit_i * prod_{j<i} L_j.
         basis = torch.cumprod(torch.tensor((1,) + levels[:-1], dtype=torch.long), dim=0)

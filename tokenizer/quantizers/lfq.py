@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantizerOutput, from_tokens, make_output, straight_through, to_tokens, zero_loss
+from .base import (
+    Float32Linear,
+    Quantizer,
+    QuantizerOutput,
+    from_tokens,
+    make_output,
+    straight_through,
+    to_tokens,
+    zero_loss,
+)
 from .config import QuantizerConfig
 
 
@@ -29,8 +38,8 @@ class LookupFreeQuantizer(Quantizer):
         super().__init__(embed_dim, config.codebook_size, config.usage_window, config.dead_code_steps)
         self.config = config
         self.bits = config.codebook_size.bit_length() - 1
-        self.project_in = nn.Linear(embed_dim, self.bits) if self.bits != embed_dim else nn.Identity()
-        self.project_out = nn.Linear(self.bits, embed_dim) if self.bits != embed_dim else nn.Identity()
+        self.project_in = Float32Linear(embed_dim, self.bits) if self.bits != embed_dim else nn.Identity()
+        self.project_out = Float32Linear(self.bits, embed_dim) if self.bits != embed_dim else nn.Identity()
         self.register_buffer("bit_values", 2 ** torch.arange(self.bits, dtype=torch.long), persistent=False)
 
     def forward(self, z: Tensor) -> QuantizerOutput:

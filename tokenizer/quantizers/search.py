@@ -91,7 +91,8 @@ def _chunked_topk(
         score, index = score.topk(min(candidates, score.shape[1]), dim=1)  # (N, m)
         index = index + start
         if top_score is not None:
-            score, pick = torch.cat([top_score, score], dim=1).topk(candidates, dim=1)
+            merged = torch.cat([top_score, score], dim=1)  # fewer than `candidates` columns while chunks are small
+            score, pick = merged.topk(min(candidates, merged.shape[1]), dim=1)
             index = torch.cat([top_index, index], dim=1).gather(1, pick)
         top_score, top_index = score, index
     return top_index

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from . import distributed
 from .base import (
     CodebookStats,
+    Float32Linear,
     Quantizer,
     QuantizerOutput,
     from_tokens,
@@ -41,8 +42,8 @@ class VectorQuantizer(Quantizer):
         self.config = config
         self.codebook_dim = config.codebook_dim or embed_dim
         needs_projection = self.codebook_dim != embed_dim
-        self.project_in = nn.Linear(embed_dim, self.codebook_dim) if needs_projection else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, embed_dim) if needs_projection else nn.Identity()
+        self.project_in = Float32Linear(embed_dim, self.codebook_dim) if needs_projection else nn.Identity()
+        self.project_out = Float32Linear(self.codebook_dim, embed_dim) if needs_projection else nn.Identity()
         initial = torch.randn(config.codebook_size, self.codebook_dim)  # (K, d)
         if config.normalize_codes:
             initial = F.normalize(initial, dim=1)
