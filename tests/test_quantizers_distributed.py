@@ -55,3 +55,28 @@ def test_codebooks_stay_identical_across_processes(tmp_path):
         if name.startswith("project_"):
             continue  # projections learn by gradient; DDP (not the quantizer) all-reduces those
         assert torch.equal(tensor, rank1["synced"][name]), name
+
+
+def _lecam(rank: int, port: int, results: str) -> None:
+    from tokenizer.losses import LeCamRegularizer
+
+    torch.set_num_threads(1)
+    logits = [(torch.full((2, 1, 3, 3), float(rank + step)), torch.full((2, 1, 3, 3), -float(rank))) for step in range(3)]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        lecam = LeCamRegularizer(decay=0.5)
+        for real, fake in logits:
+            lecam.update(real, fake)
+    finally:
+        dist.destroy_process_group()
+    torch.save(lecam.state_dict(), f"{results}/lecam{rank}.pt")
+
+
+@pytest.mark.slow
+def test_lecam_emas_follow_the_mean_over_processes(tmp_path):
+    mp.spawn(_lecam, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"lecam{rank}.pt") for rank in range(WORLD_SIZE))
+    # real means over both ranks: 0.5, 1.5, 2.5 -> EMA 0.5 -> 1.0 -> 1.75; fake means: -0.5 every step
+    for state in (rank0, rank1):
+        assert state["ema_real"].item() == pytest.approx(1.75) and state["ema_fake"].item() == pytest.approx(-0.5)

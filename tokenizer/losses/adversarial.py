@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantizers import distributed
+
 
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Hinge loss (Lim & Ye 2017), halved as in VQGAN: (mean relu(1 - D(x)) + mean relu(1 + D(x̂))) / 2."""
@@ -71,10 +73,16 @@ class LeCamRegularizer(nn.Module):
 
     @torch.no_grad()
     def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
-        """Move the EMAs towards the current mean logits (no host sync: the first-step case is a `where`)."""
+        """Move the EMAs towards the current mean logits (no host sync: the first-step case is a `where`).
+
+        With several data-parallel processes the means are averaged over them first, so every process keeps the
+        same EMAs (a checkpoint saves one process's copy, and a resume must continue all of them exactly).
+        """
+        means = torch.stack([logits_real.float().mean(), logits_fake.float().mean()])
+        means = distributed.all_reduce_sum_(means) / distributed.world_size()  # equal batches per process
         step = torch.where(self.num_updates == 0, 1.0, 1.0 - self.decay)
-        self.ema_real.lerp_(logits_real.float().mean(), step)
-        self.ema_fake.lerp_(logits_fake.float().mean(), step)
+        self.ema_real.lerp_(means[0], step)
+        self.ema_fake.lerp_(means[1], step)
         self.num_updates += 1
 
     def penalty(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

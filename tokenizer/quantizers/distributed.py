@@ -21,6 +21,11 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sum `tensor` over processes, in place."""
     if is_distributed():
