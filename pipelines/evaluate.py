@@ -27,13 +27,14 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
         raise TypeError(f"perceptual must have distances(a, b) -> (B,) (an LPIPSLoss), got {type(perceptual).__name__}")
     was_training = tokenizer.training
     tokenizer.eval()
+    device = next(tokenizer.parameters()).device
     histogram = CodeHistogram(tokenizer.codebook_size)
     psnrs, ssims, lpips_values = [], [], []
     first = None
     for index, batch in enumerate(dataloader):
         if max_batches is not None and index >= max_batches:
             break
-        pixels = batch["pixel_values"]
+        pixels = batch["pixel_values"].to(device)  # a no-op for loaders prepared by accelerate
         out = tokenizer(pixels)
         reconstruction = out.reconstruction.float().clamp(-1, 1)
         columns = [psnr(reconstruction, pixels), ssim(reconstruction, pixels)]
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     import sys
     from pathlib import Path
 
+    from accelerate import PartialState
     from torch.utils.data import DataLoader
 
     from tokenizer.losses import LPIPSLoss, lpips_available
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     from .data import collate_images
     from .fid import ReconstructionFID, fid_weights_cache_path, resolve_fid_weights
     from .train_tokenizer import load_data
+    from .training import cpu_only_multiprocess
 
     args = build_parser().parse_args(argv)
     # metric networks first: a bad weights file fails before the tokenizer or the dataset is fetched
@@ -114,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     perceptual = LPIPSLoss(trunk_weights=args.lpips_weights) if lpips_available(trunk_weights=args.lpips_weights) else None
     fid_weights = resolve_fid_weights(args.fid_weights)
     fid = ReconstructionFID(weights=fid_weights) if fid_weights is not None else None
-    tokenizer = VQTokenizer.from_pretrained(args.tokenizer)
+    device = PartialState(cpu=cpu_only_multiprocess()).device  # the GPU when there is one
+    tokenizer = VQTokenizer.from_pretrained(args.tokenizer).to(device)
+    if perceptual is not None:
+        perceptual.to(device)
     if args.resolution is None:
         args.resolution = (tokenizer.training_info.get("resolution") or tokenizer.image_processor.resolution or 32)
     # Every split gets the deterministic resize + center crop: no random crops or flips in the train split either.
