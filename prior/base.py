@@ -10,6 +10,7 @@ A concrete prior implements two things:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -152,6 +153,15 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
         if guided:
             null_ids = torch.full_like(class_ids, self.config.null_class_id)
             class_ids = torch.cat([class_ids, null_ids])  # (2B,): conditional rows, then null-class rows
+        with _eval_mode(self):  # no dropout while sampling, whichever mode the prior is in; restored afterwards
+            return self._sample_tokens(class_ids, batch_size, guided, temperature, top_k, top_p, guidance_scale,
+                                       generator, use_cache)
+
+    def _sample_tokens(self, class_ids: Tensor | None, batch_size: int, guided: bool, temperature: float,
+                       top_k: int | None, top_p: float | None, guidance_scale: float,
+                       generator: torch.Generator | None, use_cache: bool) -> Tensor:
+        """The token-by-token loop of `sample`, on validated arguments."""
+        device = self._device()
         stream = self._logit_stream(class_ids, batch_size * (2 if guided else 1), use_cache)
         tokens = torch.empty(batch_size, self.config.num_tokens, dtype=torch.long, device=device)
         logits = next(stream)  # (N, K)
@@ -385,6 +395,17 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
             lines += [f"| {name} | {value:.6g} |" for name, value in sorted(self.training_metrics.items())]
         lines += ["", "## Config", "", "```json", json.dumps(config.to_dict(), indent=2, sort_keys=True), "```"]
         return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Generator[None, None, None]:
+    """`module` in eval mode inside the block, back in its own mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def _same_dtype_kind(file_dtype: torch.dtype, model_dtype: torch.dtype) -> bool:

@@ -267,3 +267,13 @@ def test_sample_rejects_bad_arguments(make_prior, kwargs, error, fragment):
     prior = make_prior(num_classes=3)
     with pytest.raises(error, match=fragment):
         prior.sample(**kwargs)
+
+
+def test_sampling_runs_without_dropout_and_keeps_the_training_mode():
+    prior = TransformerPrior(TransformerPriorConfig.from_preset("tiny", dropout=0.5, num_classes=3)).train()
+    samples = [prior.sample(2, labels=[0, 1], use_cache=use_cache, generator=torch.Generator().manual_seed(1))
+               for use_cache in (True, False)]
+    assert torch.equal(*samples)  # with dropout active the full recompute would diverge from the cached path
+    assert prior.training and all(module.training for module in prior.modules())
+    eval_sample = prior.eval().sample(2, labels=[0, 1], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(eval_sample, samples[0]) and not prior.training
