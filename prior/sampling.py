@@ -36,9 +36,10 @@ def filter_logits(
     """Apply temperature, then top-k, then top-p (nucleus) filtering to `logits` of shape (..., K).
 
     Removed entries are set to -inf; the result is float32. With `temperature != 1` each row is shifted so that its
-    maximum is 0 before the division (softmax is unchanged), so a tiny temperature tends to argmax. `top_k` larger than K keeps everything. Top-p keeps
-    the smallest set of most probable tokens whose probability (after top-k) reaches `top_p`, and always keeps
-    the most probable token (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration").
+    maximum is 0 before the division (softmax is unchanged), so a tiny temperature tends to argmax. `top_k` larger
+    than K keeps everything. Top-p keeps the smallest set of most probable tokens whose probability (after top-k)
+    reaches `top_p`, and always keeps the most probable token (Holtzman et al. 2020, "The Curious Case of Neural
+    Text Degeneration").
     """
     check_filter_args(temperature, top_k, top_p)
     return _filter_logits(logits, temperature, top_k, top_p)

@@ -118,7 +118,7 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
         """Encode, quantize and decode: the reconstruction plus the quantizer's loss terms and statistics."""
         self._check_pixels(pixel_values)
         q = self.quantizer(self.encoder(self._as_weight_dtype(pixel_values)))
-        reconstruction = self.decoder(self._as_weight_dtype(q.quantized))  # (B, C, H, W)
+        reconstruction = self.decode_latents(q.quantized)  # (B, C, H, W)
         return TokenizerOutput(reconstruction, q.indices, q.loss, q.commit_loss, q.codebook_loss, q.entropy_loss,
                                q.stats)
 
