@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Sequence
@@ -28,12 +29,14 @@ from tokenizer import VQTokenizer
 from .images import image_grid, save_image
 from .training import cpu_only_multiprocess
 
+logger = logging.getLogger(__name__)
+
 PIPELINE_CONFIG_NAME = "pipeline.json"
 PIPELINE_FORMAT_VERSION = 1
 
 
 class IncompatibleComponentsError(ValueError):
-    """The prior's codebook size or grid shape does not fit the tokenizer."""
+    """The prior's codebook size does not fit the tokenizer."""
 
 
 @dataclass
@@ -191,7 +194,12 @@ class GenerationPipeline:
 
 
 def check_compatible(tokenizer: VQTokenizer, prior: Prior) -> None:
-    """Raise `IncompatibleComponentsError` when the prior's tokens cannot be decoded by the tokenizer."""
+    """Raise `IncompatibleComponentsError` when the prior's tokens cannot be decoded by the tokenizer.
+
+    The codebook sizes must match. The grid shape need not: the tokenizer is convolutional and decodes a grid of
+    any size, so a prior trained on grids encoded at another resolution than the tokenizer's training resolution
+    (e.g. `vqstack encode --resolution 64` with a tokenizer trained on 32px images) is accepted, with a warning.
+    """
     if prior.config.codebook_size != tokenizer.codebook_size:
         raise IncompatibleComponentsError(
             f"the prior models {prior.config.codebook_size} codes but the tokenizer has {tokenizer.codebook_size}: "
@@ -199,10 +207,13 @@ def check_compatible(tokenizer: VQTokenizer, prior: Prior) -> None:
     resolution = tokenizer.training_info.get("resolution")
     if resolution:
         expected = tokenizer.token_grid_shape(resolution, resolution)
-        if tuple(prior.config.grid_shape) != tuple(expected):
-            raise IncompatibleComponentsError(
-                f"the prior's grid_shape {tuple(prior.config.grid_shape)} does not match the tokenizer's "
-                f"{expected} grid for the {resolution}px images it was trained on")
+        grid = tuple(prior.config.grid_shape)
+        if grid != tuple(expected):
+            f = tokenizer.downsample_factor
+            logger.warning(
+                "the prior's %s grids decode to %dx%d images, but the tokenizer was trained on %dpx images (%s grids); "
+                "that is expected when the prior's data was encoded at another resolution, otherwise check that the "
+                "prior was trained on grids from this tokenizer", grid, grid[0] * f, grid[1] * f, resolution, expected)
 
 
 def pipeline_model_card(pipeline: GenerationPipeline, sample_grid: str | None) -> ModelCard:

@@ -142,14 +142,18 @@ def test_generate_label_names_win_over_ids_and_process_seeds_do_not_collide(work
         GenerationPipeline.from_pretrained(tmp_path / "no" / "such" / "pipeline")
 
 
-def test_mismatched_tokenizer_and_prior(workdir):
+def test_mismatched_tokenizer_and_prior(workdir, caplog):
     tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
     wrong_codes = TransformerPrior(TransformerPriorConfig.from_preset("tiny", grid_shape=(8, 8), codebook_size=64))
     with pytest.raises(IncompatibleComponentsError, match="prior models 64 codes but the tokenizer has 32"):
         GenerationPipeline(tokenizer, wrong_codes)
-    wrong_grid = TransformerPrior(TransformerPriorConfig.from_preset("tiny", grid_shape=(4, 4), codebook_size=32))
-    with pytest.raises(IncompatibleComponentsError, match=r"grid_shape \(4, 4\) does not match the tokenizer's \(8, 8\)"):
-        GenerationPipeline(tokenizer, wrong_grid)
+    # Grids encoded at another resolution than the tokenizer's training one decode fine: a warning, not an error.
+    other_grid = TransformerPrior(TransformerPriorConfig.from_preset("tiny", grid_shape=(4, 6), codebook_size=32))
+    with caplog.at_level("WARNING", logger="pipelines.generation"):
+        pipe = GenerationPipeline(tokenizer, other_grid)
+    assert "(4, 6) grids decode to 16x24 images, but the tokenizer was trained on 32px images ((8, 8) grids)" in caplog.text
+    images = pipe(2, seed=0, output_type="pt", progress=False).images
+    assert pipe.image_size == (16, 24) and images.shape == (2, 1, 16, 24)  # grayscale digits
 
 
 def test_generate_and_reconstruct_commands(workdir, tmp_path, capsys):
