@@ -11,13 +11,15 @@ import argparse
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import torch
 
-from prior import PixelCNNConfig, PixelCNNPrior, Prior, TransformerPrior, TransformerPriorConfig
+from prior import PixelCNNConfig, PixelCNNPrior, Prior, TransformerPrior, TransformerPriorConfig, load_prior
 
 from .encode import load_token_dataset
+from .generation import GenerationPipeline
 from .images import image_grid, save_image
 from .training import (
     ExponentialMovingAverage,
@@ -51,7 +53,9 @@ def add_prior_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label_dropout", type=float, default=None, help="class dropout for guidance (default: preset)")
     parser.add_argument("--pkeep", type=float, default=None, help="Transformer: keep-probability of input codes")
     parser.add_argument("--unconditional", action="store_true", help="ignore the labels of the token dataset")
-    parser.add_argument("--tokenizer", type=str, default=None, help="saved tokenizer, to decode validation samples")
+    parser.add_argument("--tokenizer", type=str, default=None,
+                        help="saved tokenizer: decodes validation samples, and is joined with the trained prior into "
+                             "a generation pipeline in OUTPUT_DIR/pipeline")
     parser.add_argument("--num_validation_samples", type=int, default=16)
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="for validation samples")
     parser.add_argument("--temperature", type=float, default=1.0, help="for validation samples")
@@ -143,7 +147,22 @@ def train_prior(args: argparse.Namespace) -> Path:
     def annotate(prior: Prior) -> None:
         prior.training_metrics = {"train_steps": float(step), **{f"validation_{k}": v for k, v in metrics.items()}}
 
-    return export_trained_model(accelerator, model, ema, args, "prior", annotate)
+    prior_dir = export_trained_model(accelerator, model, ema, args, "prior", annotate)
+    if tokenizer is not None and accelerator.is_main_process:
+        save_pipeline(tokenizer, prior_dir, metadata, Path(args.output_dir) / "pipeline")
+    return prior_dir
+
+
+def save_pipeline(tokenizer, prior_dir: Path, metadata: dict, folder: Path) -> None:
+    """Join `tokenizer` and the prior saved in `prior_dir` into a generation pipeline (class names from the token
+    metadata) at `folder`, replacing an older one in one rename."""
+    pipeline = GenerationPipeline(tokenizer.cpu(), load_prior(prior_dir), class_names=metadata.get("class_names"))
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    pipeline.save_pretrained(temporary)
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
+    logger.info("saved the tokenizer and the prior as a generation pipeline in %s", folder)
 
 
 def _train_micro_step(accelerator, model, optimizer, scheduler, batch, args, guard) -> float | None:

@@ -43,6 +43,21 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
+def test_train_prior_with_tokenizer_saves_a_pipeline(workdir):
+    """train-prior --tokenizer joins the tokenizer and the exported prior, with the token data's class names."""
+    pipe = GenerationPipeline.from_pretrained(workdir / "prior" / "pipeline")
+    assert pipe.class_names == [str(i) for i in range(10)]
+    prior = load_prior(workdir / "prior" / "prior")
+    for name, tensor in prior.state_dict().items():
+        assert torch.equal(tensor, pipe.prior.state_dict()[name]), name
+    tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
+    for name, tensor in tokenizer.state_dict().items():
+        assert torch.equal(tensor, pipe.tokenizer.state_dict()[name]), name
+    images = pipe(2, labels="7", seed=0, output_type="pt", progress=False).images
+    assert images.shape == (2, 1, 32, 32)
+    assert not (workdir / "prior" / "pipeline.tmp").exists()
+
+
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
