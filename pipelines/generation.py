@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from prior import Prior, load_prior
 from tokenizer import VQTokenizer
+from tokenizer.model_card import GENERATED_CARD_MARKER, remove_generated_card
 
 from .images import image_grid, save_image
 from .training import cpu_only_multiprocess
@@ -139,6 +140,7 @@ class GenerationPipeline:
                   "prior_type": self.prior.config.prior_type, "class_names": self.class_names,
                   "image_size": list(self.image_size)}
         (folder / PIPELINE_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        remove_generated_card(folder)  # a card from an earlier save here describes other weights; keep hand-written ones
         if not (folder / "README.md").exists():
             pipeline_model_card(self, sample_grid=None).save(folder / "README.md")
 
@@ -221,6 +223,7 @@ def pipeline_model_card(pipeline: GenerationPipeline, sample_grid: str | None) -
     h, w = prior.config.grid_shape
     lines = [
         "---", "library_name: vqstack", "tags:", "- vqstack", "- image-generation", "- vqgan", "---", "",
+        GENERATED_CARD_MARKER, "",
         "# vqstack generation pipeline", "",
         f"A {prior.config.prior_type} prior over {h}x{w} grids of {prior.config.codebook_size} codes, decoded by a "
         f"VQ tokenizer (downsampling factor {tokenizer.downsample_factor}) into "

@@ -33,6 +33,11 @@ from .sampling import _filter_logits, check_filter_args, guide_logits, sample_fr
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TRAINING_METRICS_NAME = "training_metrics.json"
+# Marks a card that save_pretrained wrote itself: rewritten on the next save into the same folder, since it describes
+# the weights saved with it; a card without this line was written or edited by hand and is kept. (The same line as
+# the tokenizer's: prior/ does not import tokenizer/.)
+GENERATED_CARD_MARKER = ("<!-- Written by vqstack's save_pretrained, which rewrites this card when it saves into this "
+                         "folder again. Delete this line to keep your edits. -->")
 
 # prior_type -> Prior subclass; filled in as subclasses are defined (see `Prior.__init_subclass__`).
 PRIOR_TYPES: dict[str, type[Prior]] = {}
@@ -254,7 +259,14 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
     # ----------------------------------------------------------------------------------------------------------
     # Save / load / Hub
     def _save_pretrained(self, save_directory: Path) -> None:
-        """Write `config.json` (with prior_type and config_version) and `model.safetensors`, each atomically."""
+        """Write `config.json` (with prior_type and config_version) and `model.safetensors`, each atomically.
+
+        A model card that an earlier save generated here is removed, so that the one written next describes these
+        weights; a hand-written README.md is kept.
+        """
+        card = save_directory / "README.md"
+        if card.is_file() and GENERATED_CARD_MARKER in card.read_text(errors="replace"):
+            card.unlink()
         config_text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
         _atomic_write(save_directory / CONFIG_NAME, lambda path: Path(path).write_text(config_text))
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
@@ -394,7 +406,7 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
             lines += ["", "## Training metrics", "", "| metric | value |", "|---|---|"]
             lines += [f"| {name} | {value:.6g} |" for name, value in sorted(self.training_metrics.items())]
         lines += ["", "## Config", "", "```json", json.dumps(config.to_dict(), indent=2, sort_keys=True), "```"]
-        return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+        return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{GENERATED_CARD_MARKER}\n\n" + "\n".join(lines) + "\n")
 
 
 @contextlib.contextmanager

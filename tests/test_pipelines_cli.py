@@ -157,6 +157,15 @@ def test_generate_label_names_win_over_ids_and_process_seeds_do_not_collide(work
         GenerationPipeline.from_pretrained(tmp_path / "no" / "such" / "pipeline")
 
 
+def test_pipeline_resave_rewrites_its_generated_card(workdir, tmp_path):
+    pipe = GenerationPipeline.from_pretrained(workdir / "pipe")
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert "Classes: 0, 1, 2" in (tmp_path / "pipe" / "README.md").read_text()
+    pipe.class_names = None
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert "Classes:" not in (tmp_path / "pipe" / "README.md").read_text()
+
+
 def test_mismatched_tokenizer_and_prior(workdir, caplog):
     tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
     wrong_codes = TransformerPrior(TransformerPriorConfig.from_preset("tiny", grid_shape=(8, 8), codebook_size=64))

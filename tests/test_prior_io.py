@@ -172,6 +172,18 @@ def test_resave_without_metrics_drops_the_old_metrics_file(prior, tmp_path):
     assert not (tmp_path / "prior" / "training_metrics.json").exists()
 
 
+def test_resave_rewrites_a_generated_card_and_keeps_a_hand_written_one(prior, tmp_path):
+    prior.training_metrics = {"val_bits_per_token": 1.23}
+    prior.save_pretrained(tmp_path / "prior")
+    assert "val_bits_per_token" in (tmp_path / "prior" / "README.md").read_text()
+    prior.training_metrics = {}
+    prior.save_pretrained(tmp_path / "prior")
+    assert "val_bits_per_token" not in (tmp_path / "prior" / "README.md").read_text()
+    (tmp_path / "prior" / "README.md").write_text("# my notes\n")
+    prior.save_pretrained(tmp_path / "prior")
+    assert (tmp_path / "prior" / "README.md").read_text() == "# my notes\n"
+
+
 def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a folder written by save_pretrained nor a Hub repo id"):
         load_prior(str(tmp_path / "no" / "such" / "prior"))

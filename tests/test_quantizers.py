@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -317,6 +318,14 @@ def test_search_breaks_ties_toward_the_lowest_index_across_chunks():
         assert torch.equal(nearest_codes(latents, codebook, chunk_size=chunk_size), torch.arange(10))
 
 
+def test_training_a_bf16_cast_codebook_is_refused_clearly():
+    quantizer = build_quantizer(QuantizerConfig(codebook_size=16, codebook_dim=4), 8).to(torch.bfloat16)
+    z = torch.randn(2, 8, 4, 4)
+    assert quantizer.eval()(z).indices.shape == (2, 4, 4)  # encoding works
+    with pytest.raises(RuntimeError, match="EMA updates need float32 state"):
+        quantizer.train()(z)
+
+
 def test_quantizer_runs_in_float32_under_bf16_autocast():
     quantizer = build_quantizer(QuantizerConfig(codebook_size=64, search_chunk_size=16), 8)
     quantizer.eval()
@@ -345,6 +354,20 @@ def test_fsq_indices_are_a_bijection_with_the_grid():
 def test_fsq_codebook_size_from_recommended_levels():
     quantizer = build_quantizer(QuantizerConfig(kind="fsq", codebook_size=1024), 16)
     assert quantizer.levels == (8, 5, 5, 5) and quantizer.codebook_size == 1000
+    from tokenizer import VQTokenizerConfig
+
+    config = VQTokenizerConfig.from_preset("tiny", quantizer={"kind": "fsq", "codebook_size": 1024})
+    assert config.codebook_size == 1000  # what the tokenizer emits, not the requested size
+
+
+@pytest.mark.parametrize("levels", [(1001,), (1024, 8), (2000, 3)])
+def test_fsq_indices_stay_in_range_with_many_levels(levels):
+    """Rounding the bounded latents reaches one value past each end once L > 1000 unless it is clamped."""
+    config = QuantizerConfig(kind="fsq", codebook_size=math.prod(levels), fsq_levels=levels)
+    quantizer = FiniteScalarQuantizer(config, len(levels)).eval()
+    out = quantizer(torch.randn(8, len(levels), 8, 8) * 50)  # saturate the bound at both ends
+    assert int(out.indices.min()) == 0 and int(out.indices.max()) == config.codebook_size - 1
+    torch.testing.assert_close(quantizer.indices_to_codes(out.indices), out.quantized)  # no digit carried over
 
 
 def test_lfq_round_trip_and_entropy_loss():
@@ -380,6 +403,10 @@ def test_config_json_round_trip():
     ({"kind": "fsq", "codebook_size": 64, "fsq_levels": [5, 4, 3]}, ValueError, "prod"),
     ({"kind": "fsq", "codebook_size": 100}, ValueError, "fsq_levels"),
     ({"search_dtype": "float16"}, ValueError, "search_dtype"),
+    ({"commitment_weight": float("nan")}, ValueError, "commitment_weight=nan must be a finite number"),
+    ({"ema_epsilon": float("nan")}, ValueError, "ema_epsilon"),
+    ({"entropy_temperature": float("inf")}, ValueError, "entropy_temperature"),
+    ({"seed": 2**40}, ValueError, "seed"),
 ])
 def test_bad_configs_raise_clear_errors(data, error, message):
     with pytest.raises(error, match=message):

@@ -104,3 +104,16 @@ def test_processor_scales_16_bit_grayscale_instead_of_clipping():
     expected = torch.from_numpy(np.round(ramp / 257.0) / 127.5 - 1.0).float()
     torch.testing.assert_close(pixels[0, 0], expected, atol=1e-6, rtol=0)
     assert abs(float(pixels.mean())) < 0.01  # a ramp over the whole range averages mid-grey, not white
+
+
+def test_processor_refuses_negative_32_bit_pixels_and_non_finite_outputs():
+    from PIL import Image
+
+    image = Image.fromarray(np.array([[-1, 200], [3, 4]], dtype=np.int32))  # mode "I"
+    with pytest.raises(ValueError, match=r"values outside \[0, 65535\]"):
+        VQImageProcessor(channels=1).preprocess(image)
+    small = Image.fromarray(np.array([[0, 255], [3, 4]], dtype=np.int32))  # mode "I" within 8 bits: kept as is
+    pixels = VQImageProcessor(channels=1).preprocess(small)
+    torch.testing.assert_close(pixels[0, 0], torch.tensor([[0.0, 255.0], [3.0, 4.0]]) / 127.5 - 1)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        VQImageProcessor(channels=1).postprocess(torch.full((1, 1, 2, 2), float("nan")))

@@ -71,7 +71,21 @@ def test_config_unknown_field_and_newer_version(tmp_path, saved):
     with pytest.raises(ValueError, match="config_version=99"):
         VQTokenizer.from_pretrained(folder)
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        VQTokenizer.from_pretrained(folder)
+    for not_an_object in ("[]", '"x"', "null"):
+        (folder / "config.json").write_text(not_an_object)
+        with pytest.raises(ValueError, match="config.json must hold a JSON object"):
+            VQTokenizer.from_pretrained(folder)
+
+
+def test_corrupt_training_info_is_named(saved):
+    _, folder = saved
+    (folder / "training_info.json").write_text("{broken")
+    with pytest.raises(ValueError, match="training_info.json is not valid JSON"):
+        VQTokenizer.from_pretrained(folder)
+    (folder / "training_info.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="training_info.json must hold a JSON object, got list"):
         VQTokenizer.from_pretrained(folder)
 
 
@@ -149,6 +163,20 @@ def test_resave_without_training_info_drops_the_old_file(tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     assert not (tmp_path / "tok" / "training_info.json").exists()
     assert not VQTokenizer.from_pretrained(tmp_path / "tok").training_info
+
+
+def test_resave_rewrites_a_generated_card_and_keeps_a_hand_written_one(tmp_path):
+    tok = VQTokenizer.from_preset("tiny", quantizer={"codebook_size": 64})
+    tok.training_info = {"steps": 1000}
+    tok.save_pretrained(tmp_path / "tok")
+    assert "codebook size | 64" in (tmp_path / "tok" / "README.md").read_text()
+    other = VQTokenizer.from_preset("tiny", quantizer={"codebook_size": 32})
+    other.save_pretrained(tmp_path / "tok")
+    card = (tmp_path / "tok" / "README.md").read_text()
+    assert "codebook size | 32" in card and "steps" not in card  # describes the weights now in the folder
+    (tmp_path / "tok" / "README.md").write_text("# my notes\n")  # written by hand: no marker line
+    tok.save_pretrained(tmp_path / "tok")
+    assert (tmp_path / "tok" / "README.md").read_text() == "# my notes\n"
 
 
 def test_interrupted_save_keeps_the_previous_weights(saved, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,10 @@ class VQTokenizerConfig:
 
     @property
     def codebook_size(self) -> int:
-        return self.quantizer.codebook_size
+        """Number of codes the tokenizer emits (for FSQ with its recommended levels, their product: e.g. 1000
+        for `codebook_size=1024`)."""
+        quantizer = self.quantizer
+        return math.prod(quantizer.resolved_fsq_levels) if quantizer.kind == "fsq" else quantizer.codebook_size
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -106,6 +110,8 @@ class VQTokenizerConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> VQTokenizerConfig:
         """Validate and build a config from a JSON dict; unknown keys and newer versions are refused."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
         data = dict(data)
         version = data.pop("config_version", CONFIG_VERSION)
         if not isinstance(version, int) or version > CONFIG_VERSION:

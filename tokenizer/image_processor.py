@@ -109,6 +109,8 @@ class VQImageProcessor:
                              f"with shape {tuple(getattr(pixel_values, 'shape', ()))}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or infinite values")
         images = pixel_values.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
         if output_type == "pt":
             return images  # (B, C, H, W) uint8
@@ -147,10 +149,11 @@ def convert_mode(image: Image.Image, channels: int) -> Image.Image:
             if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
                 raise ValueError("float (mode 'F') images must lie in [0, 1]")
             array = array * 255.0
-        elif image.mode.startswith("I;16") or array.max() > 255:
+        else:
             if array.min() < 0 or array.max() > 65535:
                 raise ValueError(f"mode {image.mode!r} image with values outside [0, 65535]")
-            array = array / 257.0  # 65535 -> 255
+            if image.mode.startswith("I;16") or array.max() > 255:
+                array = array / 257.0  # 65535 -> 255
         image = Image.fromarray(array.round().astype(np.uint8))
     return image.convert("L" if channels == 1 else "RGB")
 

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 
 if TYPE_CHECKING:
     from .modeling import VQTokenizer
+
+
+# Marks a card that save_pretrained wrote itself: such a card is rewritten on the next save (it describes the
+# weights saved with it); a card without this line was written or edited by hand and is kept.
+GENERATED_CARD_MARKER = ("<!-- Written by vqstack's save_pretrained, which rewrites this card when it saves into this "
+                         "folder again. Delete this line to keep your edits. -->")
+
+
+def remove_generated_card(folder: Path) -> None:
+    """Delete `folder`/README.md if save_pretrained generated it, so that the next save writes a current one."""
+    card = folder / "README.md"
+    if card.is_file() and GENERATED_CARD_MARKER in card.read_text(errors="replace"):
+        card.unlink()
 
 
 def tokenizer_model_card(tokenizer: VQTokenizer) -> ModelCard:
@@ -19,6 +33,8 @@ def tokenizer_model_card(tokenizer: VQTokenizer) -> ModelCard:
         "---",
         ModelCardData(library_name="vqstack", tags=["vqstack", "image-tokenizer", "vqgan"]).to_yaml(),
         "---",
+        "",
+        GENERATED_CARD_MARKER,
         "",
         "# VQ image tokenizer",
         "",

@@ -14,9 +14,10 @@ from safetensors.torch import save
 from torch import nn
 
 from .autoencoder import Decoder, Encoder
+from .config_fields import read_json_file
 from .configuration import VQTokenizerConfig
 from .image_processor import PROCESSOR_CONFIG_NAME, VQImageProcessor
-from .model_card import tokenizer_model_card
+from .model_card import remove_generated_card, tokenizer_model_card
 from .quantizers import CodebookStats, build_quantizer
 from .weights import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_strict, resolve_file, write_file_atomically
 
@@ -184,14 +185,18 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
         """
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "force_download", "local_files_only", "token")
                       if k in kwargs}
-        resolve_file(str(pretrained_model_name_or_path), CONFIG_NAME, **hub_kwargs)  # clear error if unreachable
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"config.json of {str(pretrained_model_name_or_path)!r} is not valid JSON: {error}") from None
+        # Read and validated strictly first (clear errors for a missing, malformed or non-object config.json):
+        # ModelHubMixin's own lenient decoding runs before `_from_pretrained` and fails on those with raw errors.
+        VQTokenizerConfig.from_json_file(resolve_file(str(pretrained_model_name_or_path), CONFIG_NAME, **hub_kwargs))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        """Write config.json, model.safetensors, preprocessor_config.json (and training_info.json)."""
+        """Write config.json, model.safetensors, preprocessor_config.json (and training_info.json).
+
+        A model card that an earlier save generated here is removed, so that the one written next describes these
+        weights; a hand-written README.md is kept.
+        """
+        remove_generated_card(save_directory)
         self.config.to_json_file(save_directory / CONFIG_NAME)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         # Serialized in memory and written by Python: safetensors' own file writer creates files with mode 0600.
@@ -219,7 +224,10 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
         load_state_dict_strict(model, resolve_file(model_id, WEIGHTS_NAME, **hub))
         info_file = resolve_file(model_id, TRAINING_INFO_NAME, required=False, **hub)
         if info_file:
-            model.training_info = json.loads(info_file.read_text())
+            info = read_json_file(info_file)
+            if not isinstance(info, dict):
+                raise ValueError(f"{info_file} must hold a JSON object, got {type(info).__name__}")
+            model.training_info = info
         return model.to(map_location).eval()
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:

@@ -97,6 +97,8 @@ class QuantizerConfig:
                             "entropy_diversity_weight", "dead_code_steps")
         if self.codebook_dim is not None and self.codebook_dim <= 0:
             raise ValueError(f"codebook_dim={self.codebook_dim} must be a positive int or None")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed} must lie in [0, 2**32)")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must lie strictly between 0 and 1")
         if self.kind == "fsq":
@@ -160,14 +162,16 @@ def _check_choice(config: QuantizerConfig, name: str, choices: tuple[str, ...]) 
 
 def _check_positive(config: QuantizerConfig, *names: str) -> None:
     for name in names:
-        if getattr(config, name) <= 0:
-            raise ValueError(f"{name}={getattr(config, name)} must be > 0")
+        value = getattr(config, name)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}={value} must be a finite number > 0")
 
 
 def _check_non_negative(config: QuantizerConfig, *names: str) -> None:
     for name in names:
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name}={getattr(config, name)} must be >= 0")
+        value = getattr(config, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}={value} must be a finite number >= 0")
 
 
 __all__ = ["FSQ_RECOMMENDED_LEVELS", "QuantizerConfig"]

@@ -43,6 +43,8 @@ class FiniteScalarQuantizer(Quantizer):
         self.register_buffer("levels_tensor", levels_tensor, persistent=False)
         self.register_buffer("basis", basis, persistent=False)
         self.register_buffer("half_width", (levels_tensor // 2).float(), persistent=False)
+        # The rounded values of a channel with L levels: -(L // 2) .. (L - 1) // 2, exactly L of them.
+        self.register_buffer("highest", ((levels_tensor - 1) // 2).float(), persistent=False)
 
     def bound(self, latents: Tensor) -> Tensor:
         """Squash each channel into (-L/2, L/2), shifted for even L so rounding yields exactly L values."""
@@ -58,7 +60,9 @@ class FiniteScalarQuantizer(Quantizer):
         batch, _, height, width = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             bounded = self.bound(self.project_in(to_tokens(z)))  # (N, C)
-            rounded = straight_through(bounded.round(), bounded)  # (N, C) integers in [-L/2, L/2]
+            # The bound's slack (1e-3) lets rounding reach one value past either end once L > 1000: clamp.
+            grid = torch.clamp(bounded.round(), -self.half_width, self.highest)
+            rounded = straight_through(grid, bounded)  # (N, C) integers in [-(L // 2), (L - 1) // 2]
             codes = rounded / self.half_width  # (N, C) in [-1, 1]
             indices = self._digits_to_indices(rounded.detach())  # (N,)
             quantized = self.project_out(codes)  # (N, D)
