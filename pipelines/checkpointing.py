@@ -48,6 +48,8 @@ def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | None) -
             return None
         return checkpoints[-1]
     path = Path(resume_from_checkpoint)
+    if not path.is_dir() and (Path(output_dir) / path).is_dir():
+        path = Path(output_dir) / path  # a checkpoint named relative to --output_dir (e.g. checkpoint-1000)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder")
     checkpoint_step(path)

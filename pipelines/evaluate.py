@@ -15,10 +15,12 @@ from .metrics import CodeHistogram, psnr, ssim
 
 @torch.no_grad()
 def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelerator | None = None,
-                       max_batches: int | None = None, perceptual=None, fid=None) -> tuple[dict[str, Any], tuple]:
+                       max_batches: int | None = None, perceptual=None, fid=None,
+                       sample_images: int | None = None) -> tuple[dict[str, Any], tuple]:
     """Reconstruction metrics over `dataloader` (batches with "pixel_values").
 
-    Returns (metrics, (first originals, first reconstructions)) — the pair feeds a validation grid.
+    Returns (metrics, (originals, reconstructions)) — the pair feeds a validation grid: this process's first
+    `sample_images` images (from as many batches as that takes), or its first batch when `sample_images` is None.
     Across processes, per-image values and code ids are gathered, so the numbers cover the whole dataset.
     `perceptual` is an optional `LPIPSLoss` (anything with `distances(a, b) -> (B,)`), gathered per image like
     PSNR and SSIM; `fid` an optional `ReconstructionFID`, fed every batch and reported as "rfid".
@@ -30,7 +32,7 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
     device = next(tokenizer.parameters()).device
     histogram = CodeHistogram(tokenizer.codebook_size)
     psnrs, ssims, lpips_values = [], [], []
-    first = None
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     for index, batch in enumerate(dataloader):
         if max_batches is not None and index >= max_batches:
             break
@@ -52,11 +54,13 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
         if perceptual is not None:
             lpips_values.append(per_image[:, 2].cpu())
         histogram.update(indices)
-        if first is None:
-            first = (pixels.detach().cpu(), reconstruction.detach().cpu())
+        wanted = pixels.shape[0] if sample_images is None else sample_images
+        if not kept or sum(part.shape[0] for part, _ in kept) < wanted:
+            kept.append((pixels.detach().cpu(), reconstruction.detach().cpu()))
     tokenizer.train(was_training)
-    if first is None:
+    if not kept:
         raise ValueError("the evaluation dataloader yielded no batch")
+    first = tuple(torch.cat(parts)[:sample_images] for parts in zip(*kept))
     metrics = {
         "psnr": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
@@ -87,10 +91,13 @@ def build_parser():
                         help="FID Inception-v3 weights file (torch-fidelity's weights-inception-2015-12-05-*.pth); "
                              "rFID is reported when these (or the ones in torch hub's cache) exist")
     parser.add_argument("--output", type=str, default=None, help="also write the JSON here")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seeds the held-out split (default: the tokenizer's training seed, else 0), so that "
+                             "the validation split is the one held out during training")
     add_data_args(parser)
-    # Default: the resolution the tokenizer was trained at (its training_info), else its image processor's, else 32.
-    parser.set_defaults(resolution=None)
+    # Defaults from the tokenizer's training_info: the resolution it was trained at (else its image processor's,
+    # else 32) and its validation_split (else the usual default).
+    parser.set_defaults(resolution=None, validation_split=None)
     return parser
 
 
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizer.losses import LPIPSLoss, lpips_available
 
     from .data import collate_images
+    from .data.sources import DEFAULT_VALIDATION_SPLIT
     from .fid import ReconstructionFID, fid_weights_cache_path, resolve_fid_weights
     from .train_tokenizer import load_data
     from .training import cpu_only_multiprocess
@@ -121,13 +129,21 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer).to(device)
     if perceptual is not None:
         perceptual.to(device)
+    if fid is not None:
+        fid.feature.to(device)
+    info = tokenizer.training_info
     if args.resolution is None:
-        args.resolution = (tokenizer.training_info.get("resolution") or tokenizer.image_processor.resolution or 32)
+        args.resolution = info.get("resolution") or tokenizer.image_processor.resolution or 32
+    if args.seed is None:
+        args.seed = info.get("seed", 0)
+    if args.validation_split is None:
+        args.validation_split = info.get("validation_split", DEFAULT_VALIDATION_SPLIT)
     # Every split gets the deterministic resize + center crop: no random crops or flips in the train split either.
     datasets, _, source = load_data(args, tokenizer.config.in_channels, augment=False)
     loader = DataLoader(datasets[args.split], batch_size=args.batch_size, collate_fn=collate_images)
     metrics, _ = evaluate_tokenizer(tokenizer, loader, max_batches=args.max_batches, perceptual=perceptual, fid=fid)
-    metrics.update(tokenizer=args.tokenizer, dataset=source, split=args.split, resolution=args.resolution)
+    metrics.update(tokenizer=args.tokenizer, dataset=source, split=args.split, resolution=args.resolution,
+                   seed=args.seed)
     if perceptual is None:
         metrics["lpips"] = None
         print("LPIPS not computed: the VGG16 trunk is not available locally; pass --lpips_weights PATH",
@@ -137,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rFID not computed: no FID Inception weights at {fid_weights_cache_path()}; pass --fid_weights PATH",
               file=sys.stderr)
     text = json.dumps(metrics, indent=2)
+    print(text)  # first: the results are not lost if the file below cannot be written
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text + "\n")
-    print(text)

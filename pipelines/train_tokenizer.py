@@ -17,7 +17,7 @@ import torch
 from tokenizer import VQTokenizer, VQTokenizerConfig
 from tokenizer.losses import VQGANLoss, VQGANLossConfig
 
-from .data import collate_images, load_image_dataset, set_image_transforms
+from .data import collate_images, infer_channels, load_image_dataset, set_image_transforms
 from .data.sources import DEFAULT_VALIDATION_SPLIT
 from .evaluate import evaluate_tokenizer
 from .images import image_grid, save_image
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=str, default="small-f4",
                         help="a tokenizer preset name (tiny, small-f4, f8-16384, f16-16384) or a config.json path")
-    parser.add_argument("--in_channels", type=int, default=None, help="image channels (default: from the data)")
+    parser.add_argument("--in_channels", type=int, choices=(1, 3), default=None,
+                        help="image channels (default: 1 if every training image is grayscale, else 3)")
     parser.add_argument("--codebook_size", type=int, default=None, help="override the preset's codebook size")
     add_data_args(parser)
     add_common_training_args(parser)
@@ -116,7 +117,9 @@ def load_data(args: argparse.Namespace, channels: int | None = None, augment: bo
         strict_data=args.strict_data, max_samples=args.max_train_samples,
     )
     if channels is None:
-        channels = 1 if datasets["train"][0]["image"].mode in ("L", "1", "I;16") else 3
+        channels = infer_channels(datasets["train"])
+        logger.info("training on %s images (%d channel%s; set --in_channels to choose)",
+                    "grayscale" if channels == 1 else "RGB", channels, "" if channels == 1 else "s")
     datasets = set_image_transforms(datasets, resolution=args.resolution, channels=channels,
                                     random_flip=augment and not args.no_random_flip, random_crop=augment,
                                     seed=args.seed)
@@ -127,6 +130,9 @@ def load_data(args: argparse.Namespace, channels: int | None = None, augment: bo
 def train_tokenizer(args: argparse.Namespace) -> Path:
     """Run the training described by `args`; returns the folder of the exported tokenizer."""
     check_common_args(args)
+    for name in ("num_validation_images", "max_validation_batches"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     accelerator = make_accelerator(args)
     with accelerator.main_process_first():
         datasets, channels, source = load_data(args, args.in_channels)
@@ -178,7 +184,9 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
 
     def annotate(tokenizer: VQTokenizer) -> None:
         tokenizer.training_info = {
-            "dataset": source, "resolution": args.resolution, "train_steps": step,
+            # seed and validation_split decide the held-out split: evaluate-tokenizer defaults to them
+            "dataset": source, "resolution": args.resolution, "seed": args.seed,
+            "validation_split": args.validation_split, "train_steps": step,
             "batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
             "ema_weights": bool(ema), "skipped_nonfinite_steps": guard.skipped, "validation": last_metrics,
         }
@@ -244,10 +252,10 @@ def _average_gradients(accelerator, module: torch.nn.Module) -> None:
 def _validate(accelerator, model, val_loader, args, step, perceptual) -> dict:
     metrics, (originals, reconstructions) = evaluate_tokenizer(
         unwrap_float32(accelerator, model), val_loader, accelerator, max_batches=args.max_validation_batches,
-        perceptual=perceptual)
+        perceptual=perceptual, sample_images=args.num_validation_images)
     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
-        count = min(args.num_validation_images, originals.shape[0])
+        count = originals.shape[0]  # --num_validation_images, or fewer when validation holds fewer
         grid = image_grid(torch.cat([originals[:count], reconstructions[:count]]), columns=count, scale=2)
         folder = append_validation_metrics(args, step, metrics)
         save_image(grid, folder / f"reconstructions-{step:06d}.png")

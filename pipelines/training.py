@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +31,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpointing import check_output_dir, resolve_resume, save_checkpoint
+from tokenizer.weights import write_file_atomically
+
+from .checkpointing import check_output_dir, checkpoint_step, resolve_resume, save_checkpoint
 
 logger = logging.getLogger(__name__)
 TRAINING_STATE_NAME = "training_state.json"
@@ -85,6 +88,11 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--learning_rate must be a positive number, got {args.learning_rate}")
     if not 0.0 < args.ema_decay < 1.0:
         raise ValueError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    if args.lr_warmup_steps > 0 and args.lr_scheduler == "constant":
+        raise ValueError("--lr_scheduler constant has no warmup, so --lr_warmup_steps would be ignored; use "
+                         "--lr_scheduler constant_with_warmup (or linear, cosine)")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'your-name/your-model')")
 
@@ -169,17 +177,29 @@ def batches(accelerator: Accelerator, dataloader, start_step: int) -> Iterator[A
 
 
 class ExponentialMovingAverage:
-    """EMA of a model's floating-point parameters and buffers (Polyak averaging)."""
+    """EMA of a model's floating-point parameters and buffers (Polyak averaging).
+
+    The decay warms up as in diffusers' `EMAModel`: update n (from 0) uses min(decay, (1 + n) / (10 + n)), so that
+    the average soon forgets the random initialization (with a fixed 0.999, 37% of it would remain after 1000 steps).
+    """
+
+    _UPDATES_KEY = "__num_updates__"  # not a valid module state-dict key, so it cannot collide with one
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
+        self.num_updates = 0
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        weight = 1.0 - self.current_decay()
         for key, value in model.state_dict().items():
             if key in self.shadow:
-                self.shadow[key].lerp_(value.detach().float(), 1.0 - self.decay)
+                self.shadow[key].lerp_(value.detach().float(), weight)
+        self.num_updates += 1
 
     def copy_to(self, model: nn.Module) -> None:
         state = model.state_dict()
@@ -199,12 +219,16 @@ class ExponentialMovingAverage:
                     state[key].copy_(value)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
+        return {**self.shadow, self._UPDATES_KEY: torch.tensor(self.num_updates, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        updates = state.pop(self._UPDATES_KEY, None)
         if set(state) != set(self.shadow):
             raise ValueError("the checkpoint's EMA tensors do not match the model")
         self.shadow = {k: v.float() for k, v in state.items()}
+        # Checkpoints from before the warmup have no count: their EMA is past any warmup.
+        self.num_updates = int(updates) if updates is not None else 1_000_000_000
 
 
 class NonFiniteGuard:
@@ -260,6 +284,9 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, guard: NonF
     """Load the checkpoint named by --resume_from_checkpoint; return the step to continue from (0 for a new run)."""
     path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     check_output_dir(accelerator, args.output_dir, path, args.overwrite_output_dir)
+    # The validation log and images past the starting point come from another run, or from this run beyond its
+    # checkpoint: the steps about to run would otherwise be logged twice.
+    trim_validation_log(accelerator, args, checkpoint_step(path) if path is not None else 0)
     if path is None:
         return 0
     accelerator.load_state(str(path))
@@ -318,7 +345,7 @@ def run_training_steps(accelerator: Accelerator, args: argparse.Namespace, model
     the last micro step's result to `report(result, step)`. The checkpoint is written before validation runs,
     so that its saved RNG state is the one training continues from (resuming equals an uninterrupted run).
     """
-    metrics: dict = {}
+    metrics: dict = last_validation_metrics(args, step)  # kept when no step is left to run (a finished run)
     while step < args.max_train_steps:
         for _ in range(args.gradient_accumulation_steps):
             result = micro_step(next(data), step)
@@ -338,11 +365,49 @@ def run_training_steps(accelerator: Accelerator, args: argparse.Namespace, model
     return step, metrics
 
 
+VALIDATION_LOG = "metrics.jsonl"
+_STEP_FILE = re.compile(r"-(\d+)\.[a-z]+$")  # validation images are named <kind>-<step>.png
+
+
+def _read_validation_log(path: Path) -> list[dict]:
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash while it was being appended
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            entries.append(entry)
+    return entries
+
+
+def trim_validation_log(accelerator: Accelerator, args: argparse.Namespace, start_step: int) -> None:
+    """Drop the validation entries and images of steps after `start_step` (main process), in one rename."""
+    folder = Path(args.output_dir) / "validation"
+    if accelerator.is_main_process and folder.is_dir():
+        log = folder / VALIDATION_LOG
+        if log.is_file():
+            kept = [entry for entry in _read_validation_log(log) if entry["step"] <= start_step]
+            write_file_atomically(log, "".join(json.dumps(entry) + "\n" for entry in kept))
+        for path in folder.iterdir():
+            match = _STEP_FILE.search(path.name)
+            if match and path.name != VALIDATION_LOG and int(match.group(1)) > start_step:
+                path.unlink()
+    accelerator.wait_for_everyone()
+
+
+def last_validation_metrics(args: argparse.Namespace, step: int) -> dict:
+    """The metrics logged by validation at `step` ({} when it did not run then)."""
+    log = Path(args.output_dir) / "validation" / VALIDATION_LOG
+    entries = [entry for entry in _read_validation_log(log) if entry["step"] == step] if log.is_file() else []
+    return {key: value for key, value in entries[-1].items() if key != "step"} if entries else {}
+
+
 def append_validation_metrics(args: argparse.Namespace, step: int, metrics: dict) -> Path:
     """Append `{"step": step, **metrics}` to <output_dir>/validation/metrics.jsonl; returns the folder."""
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "metrics.jsonl", "a") as handle:
+    with open(folder / VALIDATION_LOG, "a") as handle:
         handle.write(json.dumps({"step": step, **metrics}) + "\n")
     return folder
 

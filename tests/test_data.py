@@ -14,6 +14,7 @@ from PIL import Image
 from pipelines.data import (
     DatasetUnavailableError,
     collate_images,
+    infer_channels,
     infer_num_classes,
     load_embedded_dataset,
     load_image_dataset,
@@ -236,6 +237,25 @@ def test_image_folder_without_labels(tmp_path):
     set_image_transforms(data, resolution=8, channels=3)
     batch = collate_images([data["train"][0], data["train"][1]])
     assert set(batch) == {"pixel_values"} and batch["pixel_values"].shape == (2, 3, 8, 8)
+
+
+def test_channels_come_from_every_image_not_the_first(tmp_path):
+    rng = np.random.default_rng(2)
+    _write_png(tmp_path / "mixed" / "0.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))  # grayscale first
+    for index in range(1, 4):
+        _write_png(tmp_path / "mixed" / f"{index}.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    _write_png(tmp_path / "gray" / "0.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    _write_png(tmp_path / "gray" / "1.png", rng.integers(0, 65535, (16, 16), dtype=np.uint16))  # 16-bit grayscale
+    Image.fromarray(rng.integers(0, 256, (16, 16, 2), dtype=np.uint8), "LA").save(tmp_path / "gray" / "2.png")
+    files = sorted(str(path) for path in (tmp_path / "mixed").iterdir())
+    mixed = datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image())
+    assert mixed[0]["image"].mode == "L" and infer_channels(mixed) == 3  # the first image alone would say 1
+    gray = load_image_dataset(train_data_dir=str(tmp_path / "gray"), validation_split=0.34,
+                              cache_dir=str(tmp_path / "cache"))
+    assert infer_channels(gray["train"]) == 1 and infer_channels(gray["validation"]) == 1
+    assert infer_channels(load_embedded_dataset("digits", resolution=8)["train"]) == 1
+    assert infer_channels(load_embedded_dataset("natural-patches", resolution=8, num_train=4,
+                                                num_validation=2)["train"]) == 3
 
 
 @pytest.fixture

@@ -226,12 +226,17 @@ def test_evaluate_tokenizer_defaults_to_training_resolution_and_plain_crops(work
 
     tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
     tokenizer.training_info["resolution"] = 24  # as if trained at 24 px (the parser's default is 32)
+    tokenizer.training_info["seed"] = 5  # the held-out split of a run with --seed 5
     tokenizer.save_pretrained(tmp_path / "tok24")
+    output = tmp_path / "new" / "folder" / "m.json"  # created, not an error after the metrics are computed
     main(["evaluate-tokenizer", "--tokenizer", str(tmp_path / "tok24"), "--dataset", "digits",
-          "--split", "train", "--max_batches", "1", "--batch_size", "8", "--output", str(tmp_path / "m.json")])
-    assert json.loads((tmp_path / "m.json").read_text())["resolution"] == 24
+          "--split", "train", "--max_batches", "1", "--batch_size", "8", "--output", str(output)])
+    metrics = json.loads(output.read_text())
+    assert metrics["resolution"] == 24 and metrics["seed"] == 5
     # the train split is evaluated without the training augmentation (random flips)
     args = evaluate_parser().parse_args(["--tokenizer", "x", "--dataset", "digits", "--resolution", "16"])
+    assert args.seed is None and args.validation_split is None  # filled from the tokenizer's training_info
+    args.seed, args.validation_split = 0, 0.05
     plain = load_data(args, 1, augment=False)[0]["train"]
     augmented = load_data(args, 1)[0]["train"]
     flipped = 0

@@ -130,6 +130,58 @@ def test_new_run_refuses_checkpoints_of_another_run(tmp_path):
         run(["--output_dir", str(out), "--resume_from_checkpoint", str(out / "checkpoint-1"), *common])
 
 
+def test_validation_log_holds_one_entry_per_step_of_this_run(tmp_path):
+    common = ["--dataset", "digits", "--max_train_samples", "16", "--validation_steps", "1", "--checkpointing_steps",
+              "2", "--num_validation_images", "6", "--output_dir", str(tmp_path / "run"), *TINY,
+              "--max_validation_batches", "2"]
+
+    def logged():
+        lines = (tmp_path / "run" / "validation" / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    run(["--max_train_steps", "3", *common])  # validates at steps 1, 2, 3; checkpoints at 2 and 3
+    first = logged()
+    assert [entry["step"] for entry in first] == [1, 2, 3]
+    # Resuming from checkpoint-2 (named relative to --output_dir) redoes step 3: logged once, not twice.
+    exported = run(["--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2", "--overwrite_output_dir",
+                    *common])
+    assert [entry["step"] for entry in logged()] == [1, 2, 3, 4] and logged()[:2] == first[:2]
+    # Rerunning the finished command does no step: the exported tokenizer keeps its validation metrics.
+    rerun = run(["--max_train_steps", "4", "--resume_from_checkpoint", "latest", *common])
+    info = VQTokenizer.from_pretrained(rerun).training_info
+    assert info["validation"] == {k: v for k, v in logged()[-1].items() if k != "step"} and info["validation"]
+    assert info["seed"] == 3 and exported == rerun
+    # A new run in the folder starts a new log, and older grids beyond its steps are gone.
+    run(["--max_train_steps", "1", "--overwrite_output_dir", *common])
+    assert [entry["step"] for entry in logged()] == [1]
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").glob("*.png")) == ["reconstructions-000001.png"]
+    # --num_validation_images 6 with batches of 4: the grid takes images from two batches (6 columns, 2 rows).
+    grid = Image.open(tmp_path / "run" / "validation" / "reconstructions-000001.png")
+    assert grid.size[0] > grid.size[1] * 2
+
+
+def test_ema_decay_warms_up_and_its_count_is_checkpointed():
+    from pipelines.training import ExponentialMovingAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = ExponentialMovingAverage(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # decay 1/10 at the first update: the initial weights are nearly forgotten at once
+    assert ema.shadow["weight"].item() == pytest.approx(0.9)
+    assert ema.current_decay() == pytest.approx(2 / 11)
+    for _ in range(9000):  # (1 + n) / (10 + n) reaches 0.999 at n = 8991
+        ema.update(model)
+    assert ema.current_decay() == 0.999 and ema.shadow["weight"].item() == pytest.approx(1.0)
+    restored = ExponentialMovingAverage(model, decay=0.999)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 9001 and torch.equal(restored.shadow["weight"], ema.shadow["weight"])
+    old = {k: v for k, v in ema.state_dict().items() if k != "__num_updates__"}  # a checkpoint from before
+    restored.load_state_dict(old)
+    assert restored.current_decay() == 0.999
+
+
 def test_resume_with_use_ema_from_a_checkpoint_without_ema_is_clear(tmp_path):
     common = ["--dataset", "digits", "--max_train_samples", "16", "--validation_steps", "100",
               "--output_dir", str(tmp_path / "run"), *TINY]
@@ -161,6 +213,15 @@ def test_bad_flags_fail_early(tmp_path):
         run(["--dataset", "digits", "--output_dir", str(tmp_path), "--max_train_steps", "0", *TINY])
     with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
         run(["--dataset", "digits", "--output_dir", str(tmp_path), "--push_to_hub", *TINY])
+    for flag in ("--num_validation_images", "--max_validation_batches"):
+        with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
+            run(["--dataset", "digits", "--output_dir", str(tmp_path), *TINY, flag, "0"])
+    with pytest.raises(ValueError, match="--lr_scheduler constant has no warmup"):
+        run(["--dataset", "digits", "--output_dir", str(tmp_path), "--lr_warmup_steps", "10", *TINY])
+    with pytest.raises(ValueError, match="--lr_warmup_steps must be >= 0"):
+        run(["--dataset", "digits", "--output_dir", str(tmp_path), "--lr_warmup_steps", "-1",
+             "--lr_scheduler", "linear", *TINY])
+    assert not list(tmp_path.glob("checkpoint-*"))  # refused before any step
 
 
 @pytest.mark.slow

@@ -6,13 +6,14 @@ the source is labelled); `set_image_transforms` turns images into ``"pixel_value
 """
 
 from .embedded import EMBEDDED_DATASETS, load_embedded_dataset
-from .sources import DatasetUnavailableError, load_image_dataset
+from .sources import DatasetUnavailableError, infer_channels, load_image_dataset
 from .transforms import collate_images, infer_num_classes, set_image_transforms
 
 __all__ = [
     "EMBEDDED_DATASETS",
     "DatasetUnavailableError",
     "collate_images",
+    "infer_channels",
     "infer_num_classes",
     "load_embedded_dataset",
     "load_image_dataset",

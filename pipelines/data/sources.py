@@ -271,6 +271,39 @@ def _drop_unreadable_images(splits: datasets.DatasetDict, *, strict: bool) -> da
     return splits
 
 
+# PIL modes without colour: bilevel, 8/16/32-bit and float grayscale, grayscale with alpha.
+GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def infer_channels(dataset: datasets.Dataset) -> int:
+    """1 when every image of `dataset` is grayscale (see `GRAYSCALE_MODES`), else 3.
+
+    Every image counts, not just the first: one colour image makes the dataset RGB. Only image headers are read.
+    """
+    undecoded = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    flags = undecoded.map(_grayscale_flags, batched=True, remove_columns=["image"], desc="Reading image modes")
+    return 1 if all(flags["grayscale"]) else 3
+
+
+def _grayscale_flags(batch: dict) -> dict:
+    modes = [_image_mode(value) for value in batch["image"]]
+    return {"grayscale": [mode is None or mode in GRAYSCALE_MODES for mode in modes]}
+
+
+def _image_mode(value: dict) -> str | None:
+    """The PIL mode of an undecoded image ({"bytes", "path"}), from its header; None if it cannot be read."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    try:
+        source = BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+        with Image.open(source) as image:
+            return image.mode
+    except Exception:  # unreadable images are dropped (or refused) by the loader: they do not decide (None)
+        return None
+
+
 def _readable_flags(batch: dict) -> dict:
     """For each undecoded image of a batch, whether it decodes completely."""
     return {"readable": [_is_readable(value) for value in batch["image"]]}
