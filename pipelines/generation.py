@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import numbers
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,7 +87,11 @@ class GenerationPipeline:
     def _label_ids(self, labels: Sequence[int | str] | torch.Tensor | None, num_images: int) -> torch.Tensor | None:
         if labels is None:
             return None
-        if isinstance(labels, (int, str)):
+        if isinstance(labels, torch.Tensor) and labels.ndim == 0:
+            labels = labels.item()
+        if isinstance(labels, (bool, float)):
+            raise TypeError(f"labels must be class ids (ints) or class names, got {labels!r}")
+        if isinstance(labels, (numbers.Integral, str)):  # one label for every image (ints of numpy too)
             labels = [labels] * num_images
         ids = []
         for label in labels.tolist() if isinstance(labels, torch.Tensor) else labels:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from prior import PixelCNNConfig, PixelCNNPrior, Prior, TransformerPrior, TransformerPriorConfig, load_prior
+from prior.sampling import check_filter_args
 
 from .encode import load_token_dataset
 from .generation import GenerationPipeline
@@ -117,6 +118,8 @@ def train_prior(args: argparse.Namespace) -> Path:
     if "validation" not in tokens:
         raise ValueError(f"{args.tokens_dir} has no 'validation' split; its splits are {list(tokens)}")
     model = build_prior(args, metadata)
+    if args.tokenizer is not None:
+        _check_sample_args(model, args)
     train_loader = training_dataloader(tokens["train"], args, collate_tokens)
     val_loader = evaluation_dataloader(tokens["validation"], args.train_batch_size, collate_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -127,8 +130,11 @@ def train_prior(args: argparse.Namespace) -> Path:
     ema = ExponentialMovingAverage(unwrap_float32(accelerator, model), args.ema_decay) if args.use_ema else None
     extra_state = {"ema": ema} if ema else {}
     guard = NonFiniteGuard(args.max_nonfinite_steps)
+    # Loaded before the resume restores the RNG states, and without drawing from them: building the tokenizer's
+    # modules would otherwise shift label dropout and pkeep after a resume.
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = _load_tokenizer(args, metadata)
     step = maybe_resume(accelerator, args, guard, extra_state)
-    tokenizer = _load_tokenizer(args, metadata)
     init_trackers(accelerator, args, "vqstack-prior")
 
     def report(loss: float | None, step: int) -> None:
@@ -156,7 +162,9 @@ def train_prior(args: argparse.Namespace) -> Path:
 def save_pipeline(tokenizer, prior_dir: Path, metadata: dict, folder: Path) -> None:
     """Join `tokenizer` and the prior saved in `prior_dir` into a generation pipeline (class names from the token
     metadata) at `folder`, replacing an older one in one rename."""
-    pipeline = GenerationPipeline(tokenizer.cpu(), load_prior(prior_dir), class_names=metadata.get("class_names"))
+    prior = load_prior(prior_dir)
+    class_names = metadata.get("class_names") if prior.config.num_classes else None  # None for --unconditional
+    pipeline = GenerationPipeline(tokenizer.cpu(), prior, class_names=class_names)
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     pipeline.save_pretrained(temporary)
@@ -218,6 +226,16 @@ def _save_samples(prior: Prior, tokenizer, args, path: Path) -> None:
     with torch.no_grad():
         images = tokenizer.to(indices.device).decode(indices)
     save_image(image_grid(images, columns=num_classes or int(math.sqrt(count)) or 1, scale=2), path)
+
+
+def _check_sample_args(prior: Prior, args: argparse.Namespace) -> None:
+    """Fail before training on flags that would only break the first validation's samples."""
+    if args.num_validation_samples < 1:
+        raise ValueError(f"--num_validation_samples must be >= 1, got {args.num_validation_samples}")
+    check_filter_args(args.temperature, args.top_k, None)
+    if args.guidance_scale != 1.0 and prior.config.num_classes == 0:
+        raise ValueError(f"--guidance_scale {args.guidance_scale} needs a class-conditional prior (this one is "
+                         "unconditional); use --guidance_scale 1")
 
 
 def _load_tokenizer(args, metadata):

@@ -202,12 +202,13 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
             )
         if indices.shape[0] == 0:
             raise ValueError("indices must hold at least one grid, got an empty batch (B=0)")
+        indices = indices.long()  # also for unsigned dtypes, which have no min/max kernels
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= self.config.codebook_size:
             raise ValueError(
                 f"indices must lie in [0, {self.config.codebook_size}), got values in [{low}, {high}]"
             )
-        return indices.long()
+        return indices
 
     def _class_ids(self, labels: LabelsLike, batch_size: int, device: torch.device) -> Tensor | None:
         """Validated class ids (B,) on `device`; the null class for a conditional prior given no labels."""
@@ -223,6 +224,7 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
                 raise TypeError(f"labels must have an integer dtype (torch.long), got {labels.dtype}")
             if labels.ndim != 1:
                 raise ValueError(f"labels must have shape (B,), got shape {tuple(labels.shape)}")
+            labels = labels.long()  # also for unsigned dtypes, which have no min/max kernels
         elif isinstance(labels, Sequence) and not isinstance(labels, str):
             if not all(isinstance(label, int) and not isinstance(label, bool) for label in labels):
                 raise TypeError(f"labels must be a list of ints, got {list(labels)!r}")

@@ -56,6 +56,39 @@ def test_train_prior_with_tokenizer_saves_a_pipeline(workdir):
     images = pipe(2, labels="7", seed=0, output_type="pt", progress=False).images
     assert images.shape == (2, 1, 32, 32)
     assert not (workdir / "prior" / "pipeline.tmp").exists()
+    # one label as a 0-d tensor or a numpy int means the same as a plain int
+    reference = pipe(2, labels=7, seed=0, output_type="pt", progress=False).indices
+    for label in (torch.tensor(7), np.int64(7)):
+        assert torch.equal(pipe(2, labels=label, seed=0, output_type="pt", progress=False).indices, reference)
+
+
+def test_train_prior_resume_with_tokenizer_equals_uninterrupted_run(workdir, tmp_path):
+    """Label dropout and pkeep draw random numbers: loading --tokenizer must not shift them after a resume."""
+    common = ["train-prior", "--tokens_dir", str(workdir / "tokens"), "--prior", "transformer", "--prior_config",
+              "tiny", "--train_batch_size", "8", "--tokenizer", str(workdir / "tok" / "tokenizer"),
+              "--num_validation_samples", "2", "--label_dropout", "0.5", "--pkeep", "0.5", "--checkpointing_steps", "2",
+              "--validation_steps", "100", "--use_ema", *QUIET]
+    main([*common, "--max_train_steps", "4", "--output_dir", str(tmp_path / "a")])
+    main([*common, "--max_train_steps", "2", "--output_dir", str(tmp_path / "b")])
+    main([*common, "--max_train_steps", "4", "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
+    a, b = (load_prior(tmp_path / run / "prior").state_dict() for run in ("a", "b"))
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+def test_train_prior_unconditional_with_tokenizer_and_early_sample_flag_checks(workdir, tmp_path):
+    common = ["train-prior", "--tokens_dir", str(workdir / "tokens"), "--prior", "pixelcnn", "--prior_config", "tiny",
+              "--max_train_steps", "1", "--train_batch_size", "8", "--tokenizer", str(workdir / "tok" / "tokenizer"),
+              "--num_validation_samples", "2", "--unconditional", *QUIET]
+    main([*common, "--output_dir", str(tmp_path / "uncond")])
+    pipe = GenerationPipeline.from_pretrained(tmp_path / "uncond" / "pipeline")
+    assert pipe.class_names is None and pipe.prior.config.num_classes == 0
+    for flags, message in ((["--guidance_scale", "2"], "needs a class-conditional prior"),
+                           (["--top_k", "0"], "top_k must be >= 1"),
+                           (["--num_validation_samples", "0"], "--num_validation_samples must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            main([*common, *flags, "--output_dir", str(tmp_path / "bad")])
+        assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("checkpoint-*"))
 
 
 def test_help_lists_every_command(capsys):

@@ -244,6 +244,18 @@ def test_forward_rejects_bad_inputs(make_prior, indices, labels, error, fragment
         prior(indices, labels)
 
 
+def test_unsigned_index_and_label_dtypes_are_range_checked(make_prior):
+    prior = make_prior(num_classes=3).eval()
+    indices = torch.randint(0, 16, (2, 4, 4))
+    labels = torch.tensor([0, 2])
+    expected = prior.log_prob(indices, labels)
+    torch.testing.assert_close(prior.log_prob(indices.to(torch.uint16), labels.to(torch.uint32)), expected)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 16\)"):
+        prior(torch.full((1, 4, 4), 16, dtype=torch.uint16))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        prior(indices[:1], torch.tensor([3], dtype=torch.uint8))
+
+
 def test_labels_for_unconditional_prior_rejected(make_prior):
     prior = make_prior()
     with pytest.raises(ValueError, match="unconditional"):
