@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from accelerate import PartialState
 
@@ -45,15 +46,34 @@ def _save(dataset: datasets.Dataset, path: Path) -> None:
             datasets.enable_progress_bars()
 
 
-def _merge_shards(shard_root: Path, num_shards: int, output_dir: Path) -> None:
-    """Concatenate the (memory-mapped) shards into `output_dir` atomically, then delete the shards."""
+def _merge_shards(shard_root: Path, num_shards: int, output_dir: Path, params: dict[str, Any]) -> None:
+    """Concatenate the (memory-mapped) shards into `output_dir` atomically, then delete the shards.
+
+    `params` is recorded in the merged split too, so that a rerun skips a split that is already finished.
+    """
     shards = [datasets.load_from_disk(str(shard_root / f"shard-{i:05d}")) for i in range(num_shards)]
     temporary = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     _save(datasets.concatenate_datasets(shards), temporary)
+    (temporary / PARAMS_NAME).write_text(json.dumps(_shard_params(params), indent=2, sort_keys=True) + "\n")
     shutil.rmtree(output_dir, ignore_errors=True)
     temporary.rename(output_dir)
     shutil.rmtree(shard_root)
+
+
+def _finished_split(output_dir: Path, params: dict[str, Any]) -> datasets.Dataset | None:
+    """The split already merged in `output_dir` by a run with the same `params`, or None."""
+    record = output_dir / PARAMS_NAME
+    if record.is_file() and json.loads(record.read_text()) == _shard_params(params):
+        logger.info("%s is already encoded with these parameters: skipped", output_dir)
+        return datasets.load_from_disk(str(output_dir))
+    return None
+
+
+def _check_sizes(batch_size: int, shard_size: int) -> None:
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _tokenizer_digest(tokenizer: VQTokenizer) -> str:
@@ -117,6 +137,7 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
     `source` describes where `dataset` came from (e.g. the data flags); it is recorded with the shards, and a
     resume whose source, size, shard size, resolution or tokenizer differ is refused (see `_check_shards`).
     """
+    _check_sizes(batch_size, shard_size)
     state = state or PartialState(cpu=cpu_only_multiprocess())
     if "image" not in dataset.column_names:
         raise ValueError(f"the dataset has no 'image' column; its columns are {dataset.column_names}")
@@ -131,6 +152,9 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
     shard_root = output_dir.with_name(output_dir.name + ".shards")
     params = {**(source or {}), "num_rows": len(dataset), "columns": keep, "shard_size": shard_size,
               "resolution": resolution, "tokenizer_sha256": _tokenizer_digest(tokenizer)}
+    finished = _finished_split(output_dir, params)
+    if finished is not None:
+        return finished
     _check_shards(shard_root, params)
     tokenizer = tokenizer.to(state.device).eval()
     for index in range(state.process_index, num_shards, state.num_processes):
@@ -148,7 +172,7 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
         _finish_shard(temporary, final, params)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_shards(shard_root, num_shards, output_dir)
+        _merge_shards(shard_root, num_shards, output_dir, params)
     state.wait_for_everyone()
     return datasets.load_from_disk(str(output_dir))
 
@@ -167,12 +191,17 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
     """
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
+    _check_sizes(batch_size, shard_size)
+    label_feature = _stream_label_feature(stream, label_column)
     output_dir = Path(output_dir)
     shard_root = output_dir.with_name(output_dir.name + ".shards")
-    shard_root.mkdir(parents=True, exist_ok=True)
     params = {**(source or {}), "max_samples": max_samples, "image_column": image_column,
               "label_column": label_column, "shard_size": shard_size, "resolution": resolution,
               "tokenizer_sha256": _tokenizer_digest(tokenizer)}
+    finished = _finished_split(output_dir, params)
+    if finished is not None:
+        return finished
+    shard_root.mkdir(parents=True, exist_ok=True)
     _check_shards(shard_root, params)
     processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution)
     grid = tokenizer.token_grid_shape(resolution, resolution)
@@ -187,7 +216,7 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
         columns = {"indices": rows["indices"]} | ({"label": rows["label"]} if rows["label"] else {})
         features = datasets.Features({"indices": datasets.Array2D(shape=grid, dtype="int32")})
         if rows["label"]:
-            features["label"] = datasets.Value("int64")
+            features["label"] = label_feature if isinstance(label_feature, datasets.ClassLabel) else datasets.Value("int64")
         temporary = shard_root / f"shard-{index:05d}.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         _save(datasets.Dataset.from_dict(columns, features=features), temporary)
@@ -203,7 +232,7 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
         encoded = _encode_batch({"image": images}, tokenizer, processor, next(tokenizer.parameters()).device)
         rows["indices"].extend(encoded["indices"])
         if label_column and label_column in batch:
-            rows["label"].extend(int(v) for v in batch[label_column])
+            rows["label"].extend(_label_id(v, label_column) for v in batch[label_column])
         while len(rows["indices"]) >= shard_size:
             head = {k: v[shard_size:] for k, v in rows.items()}
             rows.update({k: v[:shard_size] for k, v in rows.items()})
@@ -218,8 +247,23 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
                        "instead.", len(skipped), skipped[0])
     if index == 0:
         raise ValueError("the stream yielded no examples")
-    _merge_shards(shard_root, index, output_dir)
+    _merge_shards(shard_root, index, output_dir, params)
     return datasets.load_from_disk(str(output_dir))
+
+
+def _stream_label_feature(stream: datasets.IterableDataset, label_column: str | None):
+    """The label column's feature when the stream declares its features (None when it does not, or has none)."""
+    if not label_column or stream.features is None:
+        return None
+    return stream.features.get(label_column)
+
+
+def _label_id(value: Any, column: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"--streaming needs non-negative integer class ids (or a ClassLabel column) in {column!r}, "
+                         f"got {value!r}: a stream's label vocabulary is unknown until it is read to the end; "
+                         "encode without --streaming to map string labels to class ids")
+    return int(value)
 
 
 def _readable_only(stream: datasets.IterableDataset, image_column: str, *,
@@ -405,8 +449,13 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
     # held-out ones included, and fail on an unreadable one before `encode_stream` can skip it.
     image_column = args.image_column or "image"
     raw = datasets.IterableDatasetDict({name: _undecoded(split, image_column) for name, split in raw.items()})
+    splits = streaming_splits(raw, args.validation_split)
+    if args.label_column and splits["train"].features is not None and args.label_column not in splits["train"].features:
+        raise ValueError(f"--label_column {args.label_column!r} is not a column of the stream; its columns are "
+                         f"{sorted(splits['train'].features)}")
+    label_feature = _stream_label_feature(splits["train"], args.label_column or "label")
     encoded = {}
-    for name, stream in streaming_splits(raw, args.validation_split).items():
+    for name, stream in splits.items():
         encoded[name] = encode_stream(
             tokenizer, stream, output_dir / name, resolution=args.resolution, batch_size=args.batch_size,
             shard_size=args.shard_size, image_column=image_column,
@@ -416,8 +465,10 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
     labelled = all("label" in split.column_names for split in encoded.values())
     metadata = {"grid_shape": list(tokenizer.token_grid_shape(args.resolution, args.resolution)),
                 "codebook_size": tokenizer.codebook_size, "resolution": args.resolution,
-                "num_classes": 1 + max(max(split["label"]) for split in encoded.values()) if labelled else 0,
-                "class_names": None, "tokenizer": args.tokenizer,
+                "num_classes": (len(label_feature.names) if isinstance(label_feature, datasets.ClassLabel)
+                                else 1 + max(max(split["label"]) for split in encoded.values())) if labelled else 0,
+                "class_names": list(label_feature.names) if labelled and isinstance(label_feature, datasets.ClassLabel)
+                else None, "tokenizer": args.tokenizer,
                 "splits": {name: len(split) for name, split in encoded.items()}}
     (output_dir / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
     print(json.dumps(metadata, indent=2))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tokenizer import VQImageProcessor, VQTokenizer
 
@@ -47,9 +47,14 @@ def reconstruct_files(tokenizer: VQTokenizer, paths: list[str], output_dir: str 
         try:
             with Image.open(path) as image:
                 image.load()
-                pixels = processor.preprocess(image)  # (1, C, H, W)
+                # Upright as `datasets` decodes it for training and encoding: EXIF orientation applied.
+                upright = ImageOps.exif_transpose(image)
         except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
             raise ValueError(f"cannot read image {str(path)!r}: {error}") from error
+        try:
+            pixels = processor.preprocess(upright)  # (1, C, H, W)
+        except ValueError as error:
+            raise ValueError(f"{str(path)!r}: {error}") from error
         indices = tokenizer.encode(pixels).indices  # (1, h, w)
         image_out = processor.postprocess(tokenizer.decode(indices), "pil")[0]
         target = Path(output_dir) / f"{path.stem}.png"

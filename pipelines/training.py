@@ -84,6 +84,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
+    if not 0 <= args.seed < 2**32:  # numpy's seed range (accelerate's set_seed seeds numpy too)
+        raise ValueError(f"--seed must lie in [0, 2**32), got {args.seed}")
     if not args.learning_rate > 0 or not math.isfinite(args.learning_rate):
         raise ValueError(f"--learning_rate must be a positive number, got {args.learning_rate}")
     if not 0.0 < args.ema_decay < 1.0:

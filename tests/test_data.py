@@ -322,6 +322,23 @@ def test_hub_dataset_is_loaded_by_id_with_standard_columns(monkeypatch):
     assert infer_num_classes(data) == 10
 
 
+def test_unlabelled_hub_test_split_is_replaced_and_missing_labels_refused(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *args, **kwargs: _fake_hub_dataset({"train": [0, 1, 0, 1, 0, 1, 0, 1], "test": [-1, -1]}))
+    with pytest.warns(UserWarning, match="held-out split has no labels"):
+        data = load_image_dataset(dataset_name="user/unlabelled-test", label_column="fine_label", validation_split=0.25)
+    assert (len(data["train"]), len(data["validation"])) == (6, 2)  # held out of train instead
+    assert set(data["validation"]["label"]) <= {0, 1}
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *args, **kwargs: _fake_hub_dataset({"train": [0, 1, -1, 1], "test": [0, 1]}))
+    with pytest.raises(ValueError, match=r"'train' split has examples without a label \('fine_label' holds \['-1'\]\)"):
+        load_image_dataset(dataset_name="user/partly-labelled", label_column="fine_label")
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *args, **kwargs: _fake_hub_dataset({"train": ["cat", None, "dog"], "test": ["cat"]}))
+    with pytest.raises(ValueError, match="without a label"):
+        load_image_dataset(dataset_name="user/partly-labelled", label_column="fine_label")
+
+
 def test_hub_string_labels_share_one_vocabulary(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda *args, **kwargs: _fake_hub_dataset({"train": ["cat", "dog", "cat"], "validation": ["eel"]}))
@@ -404,6 +421,10 @@ def test_train_transform_crops_and_flips_randomly_validation_is_deterministic(cl
     plain = datasets.DatasetDict({"train": data["train"].with_format(None)})
     set_image_transforms(plain, resolution=16, channels=3, random_flip=False, random_crop=False)
     assert torch.equal(plain["train"][0]["pixel_values"], reference)
+    # a large seed (as in --seed 20240601) works too: the generator key is reduced into manual_seed's range
+    big = datasets.DatasetDict({"train": data["train"].with_format(None)})
+    set_image_transforms(big, resolution=16, channels=3, seed=2**32 - 1)
+    assert big["train"][0]["pixel_values"].shape == (3, 16, 16)
 
 
 def test_collate_rejects_bad_batches():

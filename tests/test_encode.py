@@ -146,3 +146,42 @@ def test_streaming_encodes_on_the_main_process_only(tokenizer_dir, tmp_path):
     with mock.patch.object(encode, "PartialState", return_value=other):
         encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens"))
     assert not (tmp_path / "tokens").exists() and not list(tmp_path.glob("tokens/*.shards"))
+
+
+def test_streaming_keeps_class_names_and_refuses_a_mistyped_label_column(tokenizer_dir, tmp_path):
+    folder = image_folder(tmp_path / "images", 8)  # class subfolders "cats" and "dogs"
+    encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens"))
+    tokens, metadata = load_token_dataset(tmp_path / "tokens")
+    assert metadata["class_names"] == ["cats", "dogs"] and metadata["num_classes"] == 2
+    assert tokens["train"].features["label"].names == ["cats", "dogs"]
+    with pytest.raises(ValueError, match="--label_column 'lable' is not a column of the stream"):
+        encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "other", "--label_column", "lable"))
+    with pytest.raises(ValueError, match="non-negative integer class ids"):
+        encode._label_id("dog", "species")
+
+
+@pytest.mark.parametrize("flag", ["--shard_size", "--batch_size"])
+def test_zero_sizes_are_refused_before_any_shard(tokenizer_dir, tmp_path, flag):
+    folder = image_folder(tmp_path / "images", 4)
+    for streaming in (True, False):
+        flags = streaming_flags(tokenizer_dir, folder, tmp_path / "tokens", flag, "0")
+        if not streaming:
+            flags.remove("--streaming")
+        with pytest.raises(ValueError, match=f"{flag[2:]} must be a positive int, got 0"):
+            encode.main(flags)
+    assert not list(tmp_path.glob("tokens/*/shard-*")) and not list(tmp_path.glob("tokens/*.shards/shard-*"))
+
+
+def test_a_rerun_skips_splits_that_are_already_encoded(tokenizer_dir, tmp_path):
+    folder = image_folder(tmp_path / "images", 8)
+    flags = ["--tokenizer", str(tokenizer_dir), "--train_data_dir", str(folder), "--output_dir",
+             str(tmp_path / "tokens"), "--shard_size", "2", "--validation_split", "0.25"]
+    encode.main(flags)
+    before = load_token_dataset(tmp_path / "tokens")[0]
+    with mock.patch.object(encode, "_encode_batch", side_effect=AssertionError("re-encoded")):
+        encode.main(flags)  # both splits finished: nothing is encoded again
+    after = load_token_dataset(tmp_path / "tokens")[0]
+    assert after["train"].with_format(None)["indices"] == before["train"].with_format(None)["indices"]
+    with pytest.raises(AssertionError, match="re-encoded"), mock.patch.object(encode, "_encode_batch",
+                                                                            side_effect=AssertionError("re-encoded")):
+        encode.main([*flags[:-1], "0.5"])  # other parameters: encoded again

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -237,6 +238,20 @@ def test_generate_and_reconstruct_commands(workdir, tmp_path, capsys):
     with pytest.raises(ValueError, match="cannot read image"):
         main(["reconstruct", str(broken), "--tokenizer", str(workdir / "tok" / "tokenizer"),
               "--output_dir", str(tmp_path / "rec")])
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((3, 3), dtype=np.uint8)).save(tiny)
+    with pytest.raises(ValueError, match=r"tiny\.png.*smaller than"):  # the error names the file
+        main(["reconstruct", str(tiny), "--tokenizer", str(workdir / "tok" / "tokenizer"),
+              "--output_dir", str(tmp_path / "rec")])
+    # EXIF orientation 6 (rotate 90°): reconstructed upright, as `datasets` decodes it for training
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((16, 40), dtype=np.uint8)).save(rotated, exif=exif)
+    assert datasets.Image().decode_example({"path": str(rotated), "bytes": None}).size == (16, 40)
+    main(["reconstruct", str(rotated), "--tokenizer", str(workdir / "tok" / "tokenizer"),
+          "--output_dir", str(tmp_path / "rec")])
+    assert Image.open(tmp_path / "rec" / "rotated.png").size == (16, 40)
 
 
 def test_evaluate_tokenizer_command(workdir, tmp_path, capsys, monkeypatch):
@@ -308,6 +323,32 @@ def test_push_pipeline_uploads_both_parts_and_card(workdir):
     assert {"pipeline.json", "samples.png", "tokenizer/model.safetensors", "tokenizer/config.json",
             "prior/model.safetensors", "prior/config.json", "README.md"} <= set(uploaded)
     assert "![samples](samples.png)" in uploaded["README"] and "transformer prior" in uploaded["README"]
+
+
+def test_push_detects_the_folder_kind_and_leaves_visibility_to_the_hub(workdir, tmp_path):
+    import shutil
+
+    created = []
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        created.append(kwargs.get("private"))
+        return mock.Mock(repo_id=repo_id)
+
+    uploaded = {}
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded[repo_id] = sorted(p.name for p in Path(folder_path).iterdir())
+        return "https://hub.example/commit"
+
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(workdir / "tok" / "tokenizer", tokenizer)
+    (tokenizer / "preprocessor_config.json").unlink()  # optional: the folder still loads as a tokenizer
+    with mock.patch("huggingface_hub.HfApi.create_repo", fake_create_repo), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
+        main(["push", str(tokenizer), "--repo_id", "me/tok"])
+        main(["push", str(workdir / "prior" / "prior"), "--repo_id", "me/prior", "--private"])
+    assert "preprocessor_config.json" in uploaded["me/tok"] and "training_metrics.json" in uploaded["me/prior"]
+    assert created == [None, True]  # no flag: the account's default visibility, not "public"
 
 
 @pytest.mark.slow

@@ -221,6 +221,8 @@ def test_bad_flags_fail_early(tmp_path):
     with pytest.raises(ValueError, match="--lr_warmup_steps must be >= 0"):
         run(["--dataset", "digits", "--output_dir", str(tmp_path), "--lr_warmup_steps", "-1",
              "--lr_scheduler", "linear", *TINY])
+    with pytest.raises(ValueError, match=r"--seed must lie in \[0, 2\*\*32\)"):
+        run(["--dataset", "digits", "--output_dir", str(tmp_path), *TINY, "--seed", str(2**32)])
     assert not list(tmp_path.glob("checkpoint-*"))  # refused before any step
 
 

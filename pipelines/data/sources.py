@@ -92,6 +92,18 @@ def load_image_dataset(
         raw = _load_image_folder(train_data_dir, cache_dir)
     train, validation = _pick_splits(raw)
     image_key, label_key = _find_columns(train, image_column, label_column)
+    if label_key and validation is not None and set(validation.unique(label_key)) <= {-1, None}:
+        # Hub datasets mark the labels of a test split they do not publish with -1 (or leave them empty).
+        warnings.warn(f"the source's held-out split has no labels ({label_key!r} is all -1 or empty): it is not used; "
+                      f"validation_split={validation_split} of the training split is held out instead", stacklevel=2)
+        validation = None
+    for name, split in (("train", train), ("validation", validation)):
+        if label_key and split is not None:
+            missing = {-1, None} & set(split.unique(label_key))
+            if missing:
+                raise ValueError(f"the {name!r} split has examples without a label ({label_key!r} holds "
+                                 f"{sorted(map(repr, missing))}); remove them, or pass the columns of an unlabelled "
+                                 "dataset without a label column")
     splits = _standardize_columns({"train": train, "validation": validation}, image_key, label_key)
     if splits["validation"] is None:
         splits = _split_off_validation(splits["train"], validation_split, seed)

@@ -73,7 +73,9 @@ class TrainAugmentation:
     def __call__(self, batch: dict) -> dict:
         images = []
         for image, index in zip(batch["image"], batch["example_index"]):
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + int(index))
+            # reduced mod 2**63 (manual_seed's range); smaller values are unchanged, so are existing runs' crops
+            key = ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + int(index)) % 2**63
+            generator = torch.Generator().manual_seed(key)
             # Converted before resizing: PIL resizes palette images with nearest neighbour whatever the filter.
             image = convert_mode(image, self.processor.channels)
             image = _crop(_resize_shorter_side(image, self.resolution), self.resolution, self.random_crop, generator)
