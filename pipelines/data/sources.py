@@ -92,13 +92,15 @@ def load_image_dataset(
         raw = _load_image_folder(train_data_dir, cache_dir)
     train, validation = _pick_splits(raw)
     image_key, label_key = _find_columns(train, image_column, label_column)
-    if label_key and validation is not None and set(validation.unique(label_key)) <= {-1, None}:
+    # Class-id columns only: any other kind of label column is refused by name in _standardize_columns.
+    label_key_ids = label_key if label_key and _is_class_label(train.features[label_key]) else None
+    if label_key_ids and validation is not None and set(validation.unique(label_key)) <= {-1, None}:
         # Hub datasets mark the labels of a test split they do not publish with -1 (or leave them empty).
         warnings.warn(f"the source's held-out split has no labels ({label_key!r} is all -1 or empty): it is not used; "
                       f"validation_split={validation_split} of the training split is held out instead", stacklevel=2)
         validation = None
     for name, split in (("train", train), ("validation", validation)):
-        if label_key and split is not None:
+        if label_key_ids and split is not None:
             missing = {-1, None} & set(split.unique(label_key))
             if missing:
                 raise ValueError(f"the {name!r} split has examples without a label ({label_key!r} holds "
