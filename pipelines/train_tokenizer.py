@@ -207,6 +207,9 @@ def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_op
             loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, out.quantizer_loss, last_layer, step)
         if guard.is_bad(accelerator, loss):
             optimizer.zero_grad(set_to_none=True)
+            if disc_optimizer is not None and accelerator.sync_gradients:
+                # the step is skipped: the discriminator's gradients of its earlier micro-batches go with it
+                disc_optimizer.zero_grad(set_to_none=True)
             return {"skipped_nonfinite_steps": guard.skipped}
         apply_gradients(accelerator, model, loss, optimizer, scheduler, args)
         if disc_optimizer is not None and loss_fn.discriminator_active(step):

@@ -331,7 +331,13 @@ def apply_gradients(accelerator: Accelerator, model: nn.Module, loss: torch.Tens
     """Backward, clip (when --max_grad_norm > 0, at the accumulation boundary), optimizer and scheduler step."""
     accelerator.backward(loss)
     if accelerator.sync_gradients and args.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if accelerator.scaler is not None:
+            # fp16: unscale this optimizer only. accelerate's clip_grad_norm_ unscales every prepared optimizer, so
+            # a discriminator's gradients accumulated so far would be unscaled here and again at its own step.
+            accelerator.unscale_gradients(optimizer=optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        else:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -192,7 +192,28 @@ def test_lecam_penalty_and_ema_state_round_trip():
     assert torch.equal(restored.ema_real, lecam.ema_real) and torch.equal(restored.ema_fake, lecam.ema_fake)
 
 
+def test_lecam_averages_skip_a_non_finite_batch():
+    lecam = LeCamRegularizer(decay=0.5)
+    lecam.update(torch.tensor([1.0]), torch.tensor([-1.0]))
+    lecam.update(torch.tensor([float("nan")]), torch.tensor([0.0]))  # a batch whose step the guard skips
+    assert (lecam.ema_real.item(), lecam.ema_fake.item()) == (1.0, -1.0) and lecam.num_updates.item() == 1
+    lecam.update(torch.tensor([3.0]), torch.tensor([1.0]))
+    assert (lecam.ema_real.item(), lecam.ema_fake.item()) == (2.0, 0.0)
+
+
 # ---------------------------------------------------------------- LPIPS
+
+
+def test_lpips_runs_in_float32_under_bf16_autocast(random_lpips):
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    other = (images + 0.3 * torch.randn_like(images)).clamp(-1, 1)
+    reference = random_lpips.distances(images, other)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = random_lpips.distances(images.bfloat16(), other.bfloat16())
+    # bf16 inputs hold fewer digits; the convs themselves must not run in bf16 (errors of ~1% before)
+    torch.testing.assert_close(autocast, random_lpips.distances(images.bfloat16().float(), other.bfloat16().float()),
+                               rtol=1e-5, atol=1e-7)
+    assert autocast.dtype == torch.float32 and torch.allclose(autocast, reference, rtol=0.02)
 
 
 def test_lpips_random_trunk_distances_and_frozen(random_lpips):

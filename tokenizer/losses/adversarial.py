@@ -78,8 +78,10 @@ class LeCamRegularizer(nn.Module):
         With several data-parallel processes the means are averaged over them first, so every process keeps the
         same EMAs (a checkpoint saves one process's copy, and a resume must continue all of them exactly).
         """
-        means = torch.stack([logits_real.float().mean(), logits_fake.float().mean()])
+        means = torch.stack([logits_real.float().detach().mean(), logits_fake.float().detach().mean()])
         means = distributed.all_reduce_sum_(means) / distributed.world_size()  # equal batches per process
+        if not bool(torch.isfinite(means).all()):  # the same on every process: the means were all-reduced
+            return  # a non-finite batch (its step is skipped) would leave the averages NaN for good
         step = torch.where(self.num_updates == 0, 1.0, 1.0 - self.decay)
         self.ema_real.lerp_(means[0], step)
         self.ema_fake.lerp_(means[1], step)

@@ -195,8 +195,10 @@ class LPIPSLoss(nn.Module):
             raise ValueError(f"LPIPSLoss expects 1 or 3 channels, got input of shape {tuple(input.shape)}")
         if channels == 1:  # grayscale: the trunk was trained on RGB, so repeat the one channel
             input, target = input.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1)
-        dtype = next(self.lpips.parameters()).dtype  # autocast casts per op; without it dtypes must match
-        distance = self.lpips(input.to(dtype), target.to(dtype))  # (B, 1, 1, 1)
+        dtype = next(self.lpips.parameters()).dtype
+        # In the network's own precision (float32 unless it was cast): under autocast its convs would run in bf16.
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            distance = self.lpips(input.to(dtype), target.to(dtype))  # (B, 1, 1, 1)
         return distance.float().flatten()
 
 
