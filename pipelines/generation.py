@@ -94,7 +94,11 @@ class GenerationPipeline:
         if isinstance(labels, (numbers.Integral, str)):  # one label for every image (ints of numpy too)
             labels = [labels] * num_images
         ids = []
+        if isinstance(labels, torch.Tensor) and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
+            raise TypeError(f"labels must be class ids (an integer tensor), got dtype {labels.dtype}")
         for label in labels.tolist() if isinstance(labels, torch.Tensor) else labels:
+            if isinstance(label, bool) or not isinstance(label, (numbers.Integral, str)):
+                raise TypeError(f"labels must be class ids (ints) or class names, got {label!r}")
             if isinstance(label, str):
                 if not self.class_names or label not in self.class_names:
                     raise ValueError(f"unknown class name {label!r}; known names: {self.class_names}")
@@ -322,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.num_images < 1:
         raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
     pipeline = GenerationPipeline.from_pretrained(args.pipeline)
     labels = _parse_labels(args.labels, pipeline, args.num_images)
     out = generate_distributed(pipeline, args.num_images, labels=labels, seed=args.seed,
@@ -331,6 +337,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     folder = Path(args.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    # A rerun into the folder replaces the earlier run's outputs, so that no image of that run is left beside these.
+    stale = [*folder.glob("[0-9][0-9][0-9][0-9][0-9].png"), folder / "grid.png", folder / "indices.npy"]
+    for path in stale:
+        path.unlink(missing_ok=True)
     from PIL import Image
 
     for index, image in enumerate(out.images):

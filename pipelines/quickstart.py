@@ -59,6 +59,26 @@ def _data_flags(args: argparse.Namespace) -> list[str]:
     raise ValueError(f"--dataset must be one of {EMBEDDED_DATASETS} or an existing image folder, got {args.dataset!r}")
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Fail on bad flags before any stage runs (not after minutes of training), naming quickstart's own flags."""
+    from prior.sampling import check_filter_args
+
+    for name in ("resolution", "tokenizer_steps", "prior_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    if args.samples_per_class < 1:
+        raise ValueError(f"--samples_per_class must be >= 1, got {args.samples_per_class}")
+    if not 0 <= args.guidance_scale < float("inf"):
+        raise ValueError(f"--guidance_scale must be a finite number >= 0, got {args.guidance_scale}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must lie in [0, 2**32), got {args.seed}")
+    try:
+        check_filter_args(args.temperature, args.top_k, None)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--{error}") from None
+
+
 def run_quickstart(args: argparse.Namespace) -> dict:
     """Run every stage; returns the metrics also written to metrics.json."""
     from tokenizer import VQTokenizer
@@ -68,10 +88,11 @@ def run_quickstart(args: argparse.Namespace) -> dict:
     from .train_tokenizer import build_parser as tokenizer_parser
     from .train_tokenizer import train_tokenizer
 
+    _check_args(args)
     budget = dict(FAST if args.fast else FULL)
     budget.update({k: v for k, v in (("tokenizer_steps", args.tokenizer_steps), ("prior_steps", args.prior_steps))
                    if v is not None})
-    resolution = args.resolution or 32
+    resolution = args.resolution if args.resolution is not None else 32
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings, common = {}, ["--seed", str(args.seed), "--mixed_precision", args.mixed_precision]

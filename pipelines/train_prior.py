@@ -233,6 +233,8 @@ def _check_sample_args(prior: Prior, args: argparse.Namespace) -> None:
     if args.num_validation_samples < 1:
         raise ValueError(f"--num_validation_samples must be >= 1, got {args.num_validation_samples}")
     check_filter_args(args.temperature, args.top_k, None)
+    if not 0 <= args.guidance_scale < float("inf"):
+        raise ValueError(f"--guidance_scale must be a finite number >= 0, got {args.guidance_scale}")
     if args.guidance_scale != 1.0 and prior.config.num_classes == 0:
         raise ValueError(f"--guidance_scale {args.guidance_scale} needs a class-conditional prior (this one is "
                          "unconditional); use --guidance_scale 1")

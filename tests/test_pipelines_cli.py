@@ -365,6 +365,33 @@ def test_two_process_generate_returns_distinct_images(workdir, tmp_path):
     assert len({row.tobytes() for row in indices}) == 6
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--top_k", "0"], "--top_k must be >= 1"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--guidance_scale", "-1"], "--guidance_scale must be a finite number >= 0"),
+    (["--samples_per_class", "0"], "--samples_per_class must be >= 1"),
+    (["--resolution", "0"], "--resolution must be >= 1"),
+    (["--tokenizer_steps", "0"], "--tokenizer_steps must be >= 1"),
+])
+def test_quickstart_checks_its_flags_before_training(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        main(["quickstart", "--fast", "--output_dir", str(tmp_path / "qs"), "--no_progress", *flags])
+    assert not (tmp_path / "qs" / "tokenizer-run").exists()  # refused before the first stage
+
+
+def test_generate_rerun_replaces_outputs_and_refuses_bad_labels_and_seeds(workdir, tmp_path):
+    main(["generate", "--pipeline", str(workdir / "pipe"), "--output_dir", str(tmp_path / "gen"), "--num_images", "5"])
+    main(["generate", "--pipeline", str(workdir / "pipe"), "--output_dir", str(tmp_path / "gen"), "--num_images", "2"])
+    assert sorted(p.name for p in (tmp_path / "gen").glob("*.png")) == ["00000.png", "00001.png", "grid.png"]
+    assert np.load(tmp_path / "gen" / "indices.npy").shape[0] == 2
+    with pytest.raises(ValueError, match=r"--seed must lie in \[0, 2\*\*63\)"):
+        main(["generate", "--pipeline", str(workdir / "pipe"), "--output_dir", str(tmp_path / "g"), "--seed", "-1"])
+    pipe = GenerationPipeline.from_pretrained(workdir / "pipe")
+    for labels in ([0.9, 2.7], [True, 1], torch.tensor([1.7, 3.2])):
+        with pytest.raises(TypeError, match="labels must be class ids"):
+            pipe(2, labels=labels, progress=False)
+
+
 def test_quickstart_fast(tmp_path):
     main(["quickstart", "--fast", "--output_dir", str(tmp_path / "qs"), "--no_progress", "--samples_per_class", "1"])
     metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())

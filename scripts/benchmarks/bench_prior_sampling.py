@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.quick:
         args.batch_size, args.grid, args.codebook_size, args.repeats = 4, 6, 256, 1
+    for name in ("batch_size", "grid", "codebook_size", "num_classes", "top_k", "repeats", "naive_positions"):
+        if getattr(args, name) < 1:  # the class-conditional priors and guidance it times need num_classes >= 1
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 

@@ -151,8 +151,8 @@ def peak_rss_kib() -> int:
 def speed_worker(method: str, codebook_size: int, tokens: int, steps: int) -> dict:
     """Time `steps` forward+backward passes after one warm-up step; runs inside its own process."""
     torch.manual_seed(0)
-    side = int(math.isqrt(tokens))
-    batch = max(1, tokens // (side * side))
+    side = int(math.isqrt(tokens))  # a square count (checked in main): exactly `tokens` latents
+    batch = 1
     quantizer = make_quantizer(method, codebook_size, SPEED_DIM).train()
     z = torch.randn(batch, SPEED_DIM, side, side, requires_grad=True)  # (B, D, h, w)
     upstream = torch.randn(batch, SPEED_DIM, side, side)
@@ -364,7 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke run")
     parser.add_argument("--part", choices=("all", "speed", "utilization"), default="all")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="codebook sizes of the speed part")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per speed step (default 8192)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per speed step, a square number: one (tokens**0.5)^2 grid (default 8100 = 90^2)")
     parser.add_argument("--speed-steps", type=int, default=None, help="timed steps per speed row (default 5)")
     parser.add_argument("--memory-cap-gib", type=float, default=4.0, help="skip taming rows needing more")
     parser.add_argument("--steps", type=int, default=None, help="training steps per quantizer (default 400)")
@@ -385,7 +386,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(speed_worker(method, int(codebook_size), int(tokens), int(steps))))
         return
     sizes = args.sizes or ([1024, 4096] if args.quick else [1024, 16384, 65536])
-    tokens = args.tokens or (1024 if args.quick else 8192)
+    tokens = args.tokens if args.tokens is not None else (1024 if args.quick else 8100)
+    if tokens < 1 or math.isqrt(tokens) ** 2 != tokens:
+        raise SystemExit(f"--tokens must be a positive square number (the latents are one square grid), got {tokens}")
     speed_steps = args.speed_steps or (1 if args.quick else 5)
     steps = args.steps or (20 if args.quick else 400)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)

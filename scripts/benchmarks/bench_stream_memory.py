@@ -60,7 +60,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    count = 5_000 if args.quick else args.num_images
+    for name in ("num_images", "resolution", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    count = 5_000 if args.quick else args.num_images  # --quick: 5,000 images whatever --num_images says
     torch.manual_seed(0)
     tokenizer = VQTokenizer.from_preset("tiny").eval()
     start_rss, _ = memory_mb()

@@ -519,7 +519,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.num_train = args.num_train or (256 if args.quick else 20_000)
     args.num_validation = args.num_validation or (64 if args.quick else 1_000)
     if args.warmup_steps is None:
-        args.warmup_steps = max(1, args.steps // 20)
+        args.warmup_steps = min(max(1, args.steps // 20), args.steps - 1)  # at least one timed step
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
     if not 0 <= args.warmup_steps < args.steps:
