@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
                                  batch_size=args.batch_size, shard_size=args.shard_size,
                                  tokenizer_source=args.tokenizer, source=_source_params(args))
     state.print(json.dumps(metadata, indent=2))
+    state.wait_for_everyone()
+    state.destroy_process_group()  # a process exiting with gloo's threads still running can abort the launch
 
 
 def _source_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -432,6 +434,7 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
         # barrier, which would time out (30 minutes by default) long before a large stream is encoded.
         logger.info("process %d: --streaming encodes on the main process only; nothing to do here",
                     state.process_index)
+        state.destroy_process_group()
         return
     if state.num_processes > 1:
         logger.warning("--streaming encodes on the main process only; the other %d process(es) exit",

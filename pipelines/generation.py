@@ -333,8 +333,16 @@ def main(argv: list[str] | None = None) -> None:
     out = generate_distributed(pipeline, args.num_images, labels=labels, seed=args.seed,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                guidance_scale=args.guidance_scale, batch_size=args.batch_size)
-    if out is None:
-        return
+    if out is not None:  # the main process
+        _write_outputs(out, pipeline, args)
+    # Every process leaves the process group before exiting: a process that exits with gloo's threads still
+    # running can abort ("terminate called without an active exception") and fail the whole launch.
+    state = PartialState(cpu=cpu_only_multiprocess())
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
+def _write_outputs(out: GenerationOutput, pipeline: GenerationPipeline, args: argparse.Namespace) -> None:
     folder = Path(args.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     # A rerun into the folder replaces the earlier run's outputs, so that no image of that run is left beside these.

@@ -142,10 +142,12 @@ def test_streaming_rejects_seed_and_passes_cache_dir(tokenizer_dir, tmp_path):
 
 def test_streaming_encodes_on_the_main_process_only(tokenizer_dir, tmp_path):
     folder = image_folder(tmp_path / "images", 4)
-    other = SimpleNamespace(is_main_process=False, process_index=1, num_processes=2, device=torch.device("cpu"))
+    other = SimpleNamespace(is_main_process=False, process_index=1, num_processes=2, device=torch.device("cpu"),
+                            destroy_process_group=mock.Mock())
     with mock.patch.object(encode, "PartialState", return_value=other):
         encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens"))
     assert not (tmp_path / "tokens").exists() and not list(tmp_path.glob("tokens/*.shards"))
+    other.destroy_process_group.assert_called_once()  # it leaves the process group before exiting
 
 
 def test_streaming_keeps_class_names_and_refuses_a_mistyped_label_column(tokenizer_dir, tmp_path):
