@@ -46,16 +46,18 @@ def _save(dataset: datasets.Dataset, path: Path) -> None:
             datasets.enable_progress_bars()
 
 
-def _merge_shards(shard_root: Path, num_shards: int, output_dir: Path, params: dict[str, Any]) -> None:
+def _merge_shards(shard_root: Path, num_shards: int, output_dir: Path, params: dict[str, Any] | None) -> None:
     """Concatenate the (memory-mapped) shards into `output_dir` atomically, then delete the shards.
 
-    `params` is recorded in the merged split too, so that a rerun skips a split that is already finished.
+    `params` (with the data's fingerprint), when given, is recorded in the merged split, so that a rerun on the
+    same data skips a split that is already finished.
     """
     shards = [datasets.load_from_disk(str(shard_root / f"shard-{i:05d}")) for i in range(num_shards)]
     temporary = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     _save(datasets.concatenate_datasets(shards), temporary)
-    (temporary / PARAMS_NAME).write_text(json.dumps(_shard_params(params), indent=2, sort_keys=True) + "\n")
+    if params is not None:
+        (temporary / PARAMS_NAME).write_text(json.dumps(_shard_params(params), indent=2, sort_keys=True) + "\n")
     shutil.rmtree(output_dir, ignore_errors=True)
     temporary.rename(output_dir)
     shutil.rmtree(shard_root)
@@ -152,7 +154,9 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
     shard_root = output_dir.with_name(output_dir.name + ".shards")
     params = {**(source or {}), "num_rows": len(dataset), "columns": keep, "shard_size": shard_size,
               "resolution": resolution, "tokenizer_sha256": _tokenizer_digest(tokenizer)}
-    finished = _finished_split(output_dir, params)
+    # A finished split is reused only for the same data: `datasets` fingerprints depend on the source files and
+    # every operation applied since (an in-memory dataset gets a random one, so it is always encoded again).
+    finished = _finished_split(output_dir, {**params, "fingerprint": dataset._fingerprint})
     if finished is not None:
         return finished
     _check_shards(shard_root, params)
@@ -172,7 +176,7 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
         _finish_shard(temporary, final, params)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_shards(shard_root, num_shards, output_dir, params)
+        _merge_shards(shard_root, num_shards, output_dir, {**params, "fingerprint": dataset._fingerprint})
     state.wait_for_everyone()
     return datasets.load_from_disk(str(output_dir))
 
@@ -198,10 +202,7 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
     params = {**(source or {}), "max_samples": max_samples, "image_column": image_column,
               "label_column": label_column, "shard_size": shard_size, "resolution": resolution,
               "tokenizer_sha256": _tokenizer_digest(tokenizer)}
-    finished = _finished_split(output_dir, params)
-    if finished is not None:
-        return finished
-    shard_root.mkdir(parents=True, exist_ok=True)
+    shard_root.mkdir(parents=True, exist_ok=True)  # a stream has no fingerprint: a finished split is encoded again
     _check_shards(shard_root, params)
     processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution)
     grid = tokenizer.token_grid_shape(resolution, resolution)
@@ -247,7 +248,7 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
                        "instead.", len(skipped), skipped[0])
     if index == 0:
         raise ValueError("the stream yielded no examples")
-    _merge_shards(shard_root, index, output_dir, params)
+    _merge_shards(shard_root, index, output_dir, None)
     return datasets.load_from_disk(str(output_dir))
 
 
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
             dataset_config_name=args.dataset_config_name, image_column=args.image_column,
             label_column=args.label_column, validation_split=args.validation_split, resolution=args.resolution,
             seed=0 if args.seed is None else args.seed, cache_dir=args.cache_dir, strict_data=args.strict_data,
-            max_samples=args.max_train_samples)
+            max_samples=args.max_train_samples, require_labels=True)  # a prior trains on these labels
     _, metadata = encode_dataset(tokenizer, images, args.output_dir, resolution=args.resolution,
                                  batch_size=args.batch_size, shard_size=args.shard_size,
                                  tokenizer_source=args.tokenizer, source=_source_params(args))
@@ -475,6 +476,7 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
                 "splits": {name: len(split) for name, split in encoded.items()}}
     (output_dir / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
     print(json.dumps(metadata, indent=2))
+    state.destroy_process_group()
 
 
 def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float) -> dict[str, datasets.IterableDataset]:

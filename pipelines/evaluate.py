@@ -134,10 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     info = tokenizer.training_info
     if args.resolution is None:
         args.resolution = info.get("resolution") or tokenizer.image_processor.resolution or 32
+    # The training run's split only applies to the data it was trained on.
+    same_data = info.get("dataset") == (args.dataset or args.dataset_name or args.train_data_dir)
     if args.seed is None:
-        args.seed = info.get("seed", 0)
+        args.seed = info.get("seed", 0) if same_data else 0
     if args.validation_split is None:
-        args.validation_split = info.get("validation_split", DEFAULT_VALIDATION_SPLIT)
+        args.validation_split = (info.get("validation_split", DEFAULT_VALIDATION_SPLIT)
+                                 if same_data and not args.dataset else DEFAULT_VALIDATION_SPLIT)
     # Every split gets the deterministic resize + center crop: no random crops or flips in the train split either.
     datasets, _, source = load_data(args, tokenizer.config.in_channels, augment=False)
     loader = DataLoader(datasets[args.split], batch_size=args.batch_size, collate_fn=collate_images)

@@ -325,18 +325,22 @@ def test_hub_dataset_is_loaded_by_id_with_standard_columns(monkeypatch):
 def test_unlabelled_hub_test_split_is_replaced_and_missing_labels_refused(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda *args, **kwargs: _fake_hub_dataset({"train": [0, 1, 0, 1, 0, 1, 0, 1], "test": [-1, -1]}))
+    data = load_image_dataset(dataset_name="user/unlabelled-test", label_column="fine_label")  # labels unused
+    assert data["validation"]["label"][:] == [-1, -1]
     with pytest.warns(UserWarning, match="held-out split has no labels"):
-        data = load_image_dataset(dataset_name="user/unlabelled-test", label_column="fine_label", validation_split=0.25)
+        data = load_image_dataset(dataset_name="user/unlabelled-test", label_column="fine_label", validation_split=0.25,
+                                  require_labels=True)
     assert (len(data["train"]), len(data["validation"])) == (6, 2)  # held out of train instead
     assert set(data["validation"]["label"]) <= {0, 1}
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda *args, **kwargs: _fake_hub_dataset({"train": [0, 1, -1, 1], "test": [0, 1]}))
     with pytest.raises(ValueError, match=r"'train' split has examples without a label \('fine_label' holds \['-1'\]\)"):
-        load_image_dataset(dataset_name="user/partly-labelled", label_column="fine_label")
+        load_image_dataset(dataset_name="user/partly-labelled", label_column="fine_label", require_labels=True)
+    assert len(load_image_dataset(dataset_name="user/partly-labelled", label_column="fine_label")["train"]) == 4
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda *args, **kwargs: _fake_hub_dataset({"train": ["cat", None, "dog"], "test": ["cat"]}))
     with pytest.raises(ValueError, match="without a label"):
-        load_image_dataset(dataset_name="user/partly-labelled", label_column="fine_label")
+        load_image_dataset(dataset_name="user/partly-labelled", label_column="fine_label", require_labels=True)
 
 
 def test_hub_string_labels_share_one_vocabulary(monkeypatch):

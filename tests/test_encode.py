@@ -187,3 +187,13 @@ def test_a_rerun_skips_splits_that_are_already_encoded(tokenizer_dir, tmp_path):
     with pytest.raises(AssertionError, match="re-encoded"), mock.patch.object(encode, "_encode_batch",
                                                                             side_effect=AssertionError("re-encoded")):
         encode.main([*flags[:-1], "0.5"])  # other parameters: encoded again
+
+
+def test_other_data_of_the_same_size_is_encoded_again(tmp_path):
+    """The finished-split skip is keyed on the data's fingerprint, not just on its size and the parameters."""
+    first = datasets.Dataset.from_dict({"image": images(4)}).cast_column("image", datasets.Image())
+    second = datasets.Dataset.from_dict({"image": images(8)[4:]}).cast_column("image", datasets.Image())
+    encode_split(tiny_tokenizer(), first, tmp_path / "tokens" / "train", resolution=32, shard_size=4)
+    again = encode_split(tiny_tokenizer(), second, tmp_path / "tokens" / "train", resolution=32, shard_size=4)
+    fresh = encode_split(tiny_tokenizer(), second, tmp_path / "fresh" / "train", resolution=32, shard_size=4)
+    assert again.with_format(None)["indices"] == fresh.with_format(None)["indices"]

@@ -281,6 +281,12 @@ def test_evaluate_tokenizer_defaults_to_training_resolution_and_plain_crops(work
           "--split", "train", "--max_batches", "1", "--batch_size", "8", "--output", str(output)])
     metrics = json.loads(output.read_text())
     assert metrics["resolution"] == 24 and metrics["seed"] == 5
+    # trained on other data: its seed and validation_split do not apply (an embedded dataset refuses the latter)
+    tokenizer.training_info.update(dataset="./my-images", seed=7, validation_split=0.1)
+    tokenizer.save_pretrained(tmp_path / "tok-folder")
+    main(["evaluate-tokenizer", "--tokenizer", str(tmp_path / "tok-folder"), "--dataset", "digits",
+          "--max_batches", "1", "--batch_size", "8", "--output", str(output)])
+    assert json.loads(output.read_text())["seed"] == 0
     # the train split is evaluated without the training augmentation (random flips)
     args = evaluate_parser().parse_args(["--tokenizer", "x", "--dataset", "digits", "--resolution", "16"])
     assert args.seed is None and args.validation_split is None  # filled from the tokenizer's training_info

@@ -324,6 +324,8 @@ def test_training_a_bf16_cast_codebook_is_refused_clearly():
     assert quantizer.eval()(z).indices.shape == (2, 4, 4)  # encoding works
     with pytest.raises(RuntimeError, match="EMA updates need float32 state"):
         quantizer.train()(z)
+    learned = build_quantizer(QuantizerConfig(codebook_size=16, codebook_dim=4, use_ema=False), 8).to(torch.bfloat16)
+    assert learned.train()(z).indices.shape == (2, 4, 4)  # a codebook learned by gradient has no EMA state
 
 
 def test_quantizer_runs_in_float32_under_bf16_autocast():

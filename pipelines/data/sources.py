@@ -41,6 +41,7 @@ def load_image_dataset(
     cache_dir: str | None = None,
     strict_data: bool = False,
     max_samples: int | None = None,
+    require_labels: bool = False,
 ) -> datasets.DatasetDict:
     """Load images from exactly one source, with standardized columns and a validation split.
 
@@ -57,6 +58,9 @@ def load_image_dataset(
         cache_dir: where ``datasets`` caches downloads and processed files.
         strict_data: raise on the first unreadable image instead of skipping unreadable images with a warning.
         max_samples: keep at most this many training images (a seeded random subset), for quick runs.
+        require_labels: the labels will be used (e.g. for a class-conditional prior): refuse examples without one
+            (-1 or null), and replace a held-out split with no labels at all (as Hub datasets publish unlabelled
+            test splits) by a held-out part of the training split. Without it such labels are left as they are.
 
     Returns:
         ``DatasetDict`` with ``"train"`` and ``"validation"``; columns ``"image"`` and, if labelled, ``"label"``.
@@ -93,7 +97,7 @@ def load_image_dataset(
     train, validation = _pick_splits(raw)
     image_key, label_key = _find_columns(train, image_column, label_column)
     # Class-id columns only: any other kind of label column is refused by name in _standardize_columns.
-    label_key_ids = label_key if label_key and _is_class_label(train.features[label_key]) else None
+    label_key_ids = label_key if require_labels and label_key and _is_class_label(train.features[label_key]) else None
     if label_key_ids and validation is not None and set(validation.unique(label_key)) <= {-1, None}:
         # Hub datasets mark the labels of a test split they do not publish with -1 (or leave them empty).
         warnings.warn(f"the source's held-out split has no labels ({label_key!r} is all -1 or empty): it is not used; "

@@ -68,7 +68,7 @@ class VectorQuantizer(Quantizer):
     def forward(self, z: Tensor) -> QuantizerOutput:
         """(B, D, h, w) latents -> codes with straight-through gradient, indices, losses and stats."""
         self.check_latents(z)
-        if self.training and self.codebook.dtype != torch.float32:
+        if self.training and self.config.use_ema and self.codebook.dtype != torch.float32:
             raise RuntimeError(
                 f"the codebook is {self.codebook.dtype}: its EMA updates need float32 state, so a tokenizer cast with "
                 ".to(dtype) can encode and decode but not train; train in float32 under autocast instead "
