@@ -27,6 +27,7 @@ from accelerate import PartialState
 
 from tokenizer import VQImageProcessor, VQTokenizer
 
+from .data._checks import check_positive_int
 from .training import cpu_only_multiprocess
 
 logger = logging.getLogger(__name__)
@@ -70,12 +71,6 @@ def _finished_split(output_dir: Path, params: dict[str, Any]) -> datasets.Datase
         logger.info("%s is already encoded with these parameters: skipped", output_dir)
         return datasets.load_from_disk(str(output_dir))
     return None
-
-
-def _check_sizes(batch_size: int, shard_size: int) -> None:
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _tokenizer_digest(tokenizer: VQTokenizer) -> str:
@@ -139,7 +134,8 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
     `source` describes where `dataset` came from (e.g. the data flags); it is recorded with the shards, and a
     resume whose source, size, shard size, resolution or tokenizer differ is refused (see `_check_shards`).
     """
-    _check_sizes(batch_size, shard_size)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("shard_size", shard_size)
     state = state or PartialState(cpu=cpu_only_multiprocess())
     if "image" not in dataset.column_names:
         raise ValueError(f"the dataset has no 'image' column; its columns are {dataset.column_names}")
@@ -156,7 +152,8 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
               "resolution": resolution, "tokenizer_sha256": _tokenizer_digest(tokenizer)}
     # A finished split is reused only for the same data: `datasets` fingerprints depend on the source files and
     # every operation applied since (an in-memory dataset gets a random one, so it is always encoded again).
-    finished = _finished_split(output_dir, {**params, "fingerprint": dataset._fingerprint})
+    record = {**params, "fingerprint": dataset._fingerprint}
+    finished = _finished_split(output_dir, record)
     if finished is not None:
         return finished
     _check_shards(shard_root, params)
@@ -176,7 +173,7 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
         _finish_shard(temporary, final, params)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_shards(shard_root, num_shards, output_dir, {**params, "fingerprint": dataset._fingerprint})
+        _merge_shards(shard_root, num_shards, output_dir, record)
     state.wait_for_everyone()
     return datasets.load_from_disk(str(output_dir))
 
@@ -195,7 +192,8 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
     """
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
-    _check_sizes(batch_size, shard_size)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("shard_size", shard_size)
     label_feature = _stream_label_feature(stream, label_column)
     output_dir = Path(output_dir)
     shard_root = output_dir.with_name(output_dir.name + ".shards")

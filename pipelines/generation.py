@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import numbers
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,13 +90,9 @@ class GenerationPipeline:
             return None
         if isinstance(labels, torch.Tensor) and labels.ndim == 0:
             labels = labels.item()
-        if isinstance(labels, (bool, float)):
-            raise TypeError(f"labels must be class ids (ints) or class names, got {labels!r}")
-        if isinstance(labels, (numbers.Integral, str)):  # one label for every image (ints of numpy too)
-            labels = [labels] * num_images
+        if isinstance(labels, str) or not hasattr(labels, "__iter__"):
+            labels = [labels] * num_images  # one label for every image; each label is checked below
         ids = []
-        if isinstance(labels, torch.Tensor) and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
-            raise TypeError(f"labels must be class ids (an integer tensor), got dtype {labels.dtype}")
         for label in labels.tolist() if isinstance(labels, torch.Tensor) else labels:
             if isinstance(label, bool) or not isinstance(label, (numbers.Integral, str)):
                 raise TypeError(f"labels must be class ids (ints) or class names, got {label!r}")
@@ -202,6 +199,15 @@ class GenerationPipeline:
         count = len(labels) if labels else num_images
         out = self(count, labels=labels, seed=seed, output_type="pt", progress=False, **sampling)
         return image_grid(out.images, columns=per_row, scale=2)
+
+
+def replace_saved_pipeline(pipeline: GenerationPipeline, folder: Path) -> None:
+    """`pipeline.save_pretrained(folder)`, replacing an earlier pipeline there in one rename (no mix of the two)."""
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    pipeline.save_pretrained(temporary)
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
 
 
 def check_compatible(tokenizer: VQTokenizer, prior: Prior) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader
 from .data import EMBEDDED_DATASETS, collate_images, load_image_dataset, set_image_transforms
 from .encode import encode_dataset
 from .evaluate import evaluate_tokenizer
-from .generation import GenerationPipeline
+from .generation import GenerationPipeline, replace_saved_pipeline
 from .images import image_grid, save_image
 
 logger = logging.getLogger(__name__)
@@ -157,8 +156,7 @@ def run_quickstart(args: argparse.Namespace) -> dict:
                                 temperature=args.temperature, top_k=args.top_k)
     save_image(grid, out / "samples.png")
     timings["sampling_s"] = time.perf_counter() - start
-    shutil.rmtree(out / "pipeline", ignore_errors=True)
-    pipeline.save_pretrained(out / "pipeline")
+    replace_saved_pipeline(pipeline, out / "pipeline")
 
     metrics = {
         "dataset": args.dataset, "resolution": resolution, "fast": args.fast, "budget": budget,

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from prior import PixelCNNConfig, PixelCNNPrior, Prior, TransformerPrior, Transf
 from prior.sampling import check_filter_args
 
 from .encode import load_token_dataset
-from .generation import GenerationPipeline
+from .generation import GenerationPipeline, replace_saved_pipeline
 from .images import image_grid, save_image
 from .training import (
     ExponentialMovingAverage,
@@ -164,12 +163,7 @@ def save_pipeline(tokenizer, prior_dir: Path, metadata: dict, folder: Path) -> N
     metadata) at `folder`, replacing an older one in one rename."""
     prior = load_prior(prior_dir)
     class_names = metadata.get("class_names") if prior.config.num_classes else None  # None for --unconditional
-    pipeline = GenerationPipeline(tokenizer.cpu(), prior, class_names=class_names)
-    temporary = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    pipeline.save_pretrained(temporary)
-    shutil.rmtree(folder, ignore_errors=True)
-    temporary.rename(folder)
+    replace_saved_pipeline(GenerationPipeline(tokenizer.cpu(), prior, class_names=class_names), folder)
     logger.info("saved the tokenizer and the prior as a generation pipeline in %s", folder)
 
 

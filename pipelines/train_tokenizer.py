@@ -258,8 +258,8 @@ def _validate(accelerator, model, val_loader, args, step, perceptual) -> dict:
         perceptual=perceptual, sample_images=args.num_validation_images)
     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
-        count = originals.shape[0]  # --num_validation_images, or fewer when validation holds fewer
-        grid = image_grid(torch.cat([originals[:count], reconstructions[:count]]), columns=count, scale=2)
+        # --num_validation_images originals (fewer when validation holds fewer) above their reconstructions
+        grid = image_grid(torch.cat([originals, reconstructions]), columns=originals.shape[0], scale=2)
         folder = append_validation_metrics(args, step, metrics)
         save_image(grid, folder / f"reconstructions-{step:06d}.png")
         accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

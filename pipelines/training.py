@@ -399,7 +399,7 @@ def trim_validation_log(accelerator: Accelerator, args: argparse.Namespace, star
             write_file_atomically(log, "".join(json.dumps(entry) + "\n" for entry in kept))
         for path in folder.iterdir():
             match = _STEP_FILE.search(path.name)
-            if match and path.name != VALIDATION_LOG and int(match.group(1)) > start_step:
+            if match and int(match.group(1)) > start_step:
                 path.unlink()
     accelerator.wait_for_everyone()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,10 +95,8 @@ class VQTokenizerConfig:
 
     @property
     def codebook_size(self) -> int:
-        """Number of codes the tokenizer emits (for FSQ with its recommended levels, their product: e.g. 1000
-        for `codebook_size=1024`)."""
-        quantizer = self.quantizer
-        return math.prod(quantizer.resolved_fsq_levels) if quantizer.kind == "fsq" else quantizer.codebook_size
+        """Number of codes the tokenizer emits (see `QuantizerConfig.num_codes`)."""
+        return self.quantizer.num_codes
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

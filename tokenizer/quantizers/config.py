@@ -128,6 +128,12 @@ class QuantizerConfig:
             raise ValueError(f"codebook_size={self.codebook_size} must be a power of 2 for kind='lfq'")
 
     @property
+    def num_codes(self) -> int:
+        """Number of distinct indices the quantizer emits: `codebook_size`, except for FSQ with its recommended
+        levels, whose product can differ (1000 for `codebook_size=1024`)."""
+        return math.prod(self.resolved_fsq_levels) if self.kind == "fsq" else self.codebook_size
+
+    @property
     def resolved_fsq_levels(self) -> tuple[int, ...]:
         """FSQ levels per channel: `fsq_levels`, or the paper's recommendation for `codebook_size`."""
         if self.fsq_levels is not None:

@@ -7,8 +7,6 @@ to learn, collapse or restart, and no auxiliary loss.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +29,7 @@ class FiniteScalarQuantizer(Quantizer):
         if config.kind != "fsq":
             raise ValueError(f"config.kind={config.kind!r}; FiniteScalarQuantizer expects kind='fsq'")
         levels = config.resolved_fsq_levels
-        super().__init__(embed_dim, math.prod(levels), config.usage_window, config.dead_code_steps)
+        super().__init__(embed_dim, config.num_codes, config.usage_window, config.dead_code_steps)
         self.config = config
         self.levels = levels
         channels = len(levels)
