@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from tokenizer.weights import write_file_atomically
 
 
 def to_uint8(pixel_values: torch.Tensor) -> np.ndarray:
@@ -31,10 +34,10 @@ def image_grid(pixel_values: torch.Tensor, columns: int, padding: int = 2, scale
 
 
 def save_image(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG atomically (temporary name, then rename)."""
+    """Write a PNG atomically (encoded in memory, then `write_file_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    image.save(temporary, format="PNG")
-    temporary.replace(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_file_atomically(path, buffer.getvalue())
     return path
