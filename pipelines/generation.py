@@ -64,6 +64,10 @@ class GenerationPipeline:
         if not isinstance(prior, Prior):
             raise TypeError(f"prior must be a vqstack Prior, got {type(prior).__name__}")
         check_compatible(tokenizer, prior)
+        if class_names is not None and (isinstance(class_names, str) or not isinstance(class_names, Sequence)
+                                        or not all(isinstance(name, str) for name in class_names)
+                                        or len(set(class_names)) != len(class_names)):
+            raise ValueError(f"class_names must be a list of distinct strings, got {class_names!r}")
         if class_names is not None and len(class_names) != prior.config.num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but the prior has "
                              f"num_classes={prior.config.num_classes}")
@@ -88,7 +92,7 @@ class GenerationPipeline:
     def _label_ids(self, labels: Sequence[int | str] | torch.Tensor | None, num_images: int) -> torch.Tensor | None:
         if labels is None:
             return None
-        if isinstance(labels, torch.Tensor) and labels.ndim == 0:
+        if isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 0:
             labels = labels.item()
         if isinstance(labels, str) or not hasattr(labels, "__iter__"):
             labels = [labels] * num_images  # one label for every image; each label is checked below
@@ -168,13 +172,20 @@ class GenerationPipeline:
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
         version = config.get("format_version")
-        if not isinstance(version, int) or version > PIPELINE_FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"{config_file} has format_version={version!r}; expected a positive int")
+        if version > PIPELINE_FORMAT_VERSION:
             raise ValueError(f"{config_file} has format_version={version!r}; this vqstack reads versions <= "
                              f"{PIPELINE_FORMAT_VERSION}, upgrade vqstack to load it")
         tokenizer = VQTokenizer.from_pretrained(folder / "tokenizer")
         prior = load_prior(folder / "prior")
-        return cls(tokenizer, prior, class_names=config.get("class_names"))
+        try:
+            return cls(tokenizer, prior, class_names=config.get("class_names"))
+        except ValueError as error:
+            raise ValueError(f"{config_file}: {error}") from None
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
                     num_sample_images: int = 16, seed: int = 0) -> str:

@@ -115,11 +115,14 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
     def log_prob(self, indices: Tensor, labels: LabelsLike = None) -> Tensor:
         """Exact log p(indices | label) in nats, summed over the grid: float32 tensor (B,).
 
-        No label dropout or input corruption is applied; call `eval()` first if the network has dropout.
+        No label dropout, input corruption or dropout is applied, in either mode: the network runs in eval mode
+        for this call (gradients still flow) and its mode is restored afterwards.
         """
         indices = self._check_indices(indices)
         class_ids = self._class_ids(labels, indices.shape[0], indices.device)
-        log_probs = self._logits(indices, class_ids).float().log_softmax(dim=-1)  # (B, h, w, K)
+        with _eval_mode(self):
+            logits = self._logits(indices, class_ids)
+        log_probs = logits.float().log_softmax(dim=-1)  # (B, h, w, K)
         token_log_probs = log_probs.gather(-1, indices.unsqueeze(-1)).squeeze(-1)  # (B, h, w)
         return token_log_probs.flatten(1).sum(dim=1)
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +60,33 @@ def test_train_prior_with_tokenizer_saves_a_pipeline(workdir):
     assert not (workdir / "prior" / "pipeline.tmp").exists()
     # one label as a 0-d tensor or a numpy int means the same as a plain int
     reference = pipe(2, labels=7, seed=0, output_type="pt", progress=False).indices
-    for label in (torch.tensor(7), np.int64(7)):
+    for label in (torch.tensor(7), np.int64(7), np.array(7)):
         assert torch.equal(pipe(2, labels=label, seed=0, output_type="pt", progress=False).indices, reference)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda config: ["not", "an", "object"], "must hold a JSON object"),
+    (lambda config: {**config, "format_version": True}, "expected a positive int"),
+    (lambda config: {**config, "format_version": 0}, "expected a positive int"),
+    (lambda config: {**config, "class_names": "0123456789"}, "list of distinct strings"),
+    (lambda config: {**config, "class_names": list(range(10))}, "list of distinct strings"),
+    (lambda config: {**config, "class_names": ["0"] * 10}, "list of distinct strings"),
+    (lambda config: {**config, "class_names": ["0", "1"]}, "has 2 names"),
+])
+def test_malformed_pipeline_json_is_refused_naming_the_file(workdir, tmp_path, edit, fragment):
+    folder = tmp_path / "pipe"
+    shutil.copytree(workdir / "pipe", folder)
+    path = folder / "pipeline.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ValueError, match=fragment) as error:
+        GenerationPipeline.from_pretrained(folder)
+    assert "pipeline.json" in str(error.value)
+
+
+def test_class_names_argument_is_checked(workdir):
+    pipe = GenerationPipeline.from_pretrained(workdir / "pipe")
+    with pytest.raises(ValueError, match="list of distinct strings"):
+        GenerationPipeline(pipe.tokenizer, pipe.prior, class_names="0123456789")
 
 
 def test_train_prior_resume_with_tokenizer_equals_uninterrupted_run(workdir, tmp_path):

@@ -210,6 +210,16 @@ def test_log_prob_is_sum_of_forward_token_log_probs(make_prior):
     torch.testing.assert_close(prior.bits_per_token(indices, labels), output.loss / math.log(2))
 
 
+def test_log_prob_is_exact_in_training_mode_too():
+    """Dropout would make an 'exact' likelihood random: log_prob runs the network in eval mode, then restores."""
+    prior = PRIORS["transformer"](num_classes=2, dropout=0.5).train()
+    indices, labels = torch.randint(0, 16, (3, 4, 4)), torch.tensor([0, 1, 1])
+    first = prior.log_prob(indices, labels)
+    assert first.requires_grad and prior.training
+    torch.testing.assert_close(prior.log_prob(indices, labels), first)
+    torch.testing.assert_close(prior.eval().log_prob(indices, labels), first)
+
+
 def test_label_dropout_only_in_training(make_prior):
     prior = make_prior(num_classes=2, label_dropout=1.0)
     indices, labels = torch.randint(0, 16, (2, 4, 4)), [1, 0]
