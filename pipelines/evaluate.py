@@ -75,6 +75,20 @@ def evaluate_tokenizer(tokenizer: VQTokenizer, dataloader, accelerator: Accelera
     return metrics, first
 
 
+def _same_data(recorded: object, args) -> bool:
+    """Whether the data named by `args` is the data the tokenizer was trained on (recorded in training_info).
+
+    Folders are compared as resolved paths, so that ./images, ./images/ and /abs/images are one folder (the
+    recorded one is resolved from the current directory, as it was given to the training command)."""
+    import os
+
+    if not isinstance(recorded, str):
+        return False
+    if args.train_data_dir is not None:
+        return os.path.realpath(recorded) == os.path.realpath(args.train_data_dir)
+    return recorded == (args.dataset or args.dataset_name)
+
+
 def build_parser():
     import argparse
 
@@ -112,12 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizer.losses import LPIPSLoss, lpips_available
 
     from .data import collate_images
+    from .data._checks import check_positive_int
     from .data.sources import DEFAULT_VALIDATION_SPLIT
     from .fid import ReconstructionFID, fid_weights_cache_path, resolve_fid_weights
     from .train_tokenizer import load_data
     from .training import cpu_only_multiprocess
 
     args = build_parser().parse_args(argv)
+    check_positive_int("--batch_size", args.batch_size)
+    if args.max_batches is not None:
+        check_positive_int("--max_batches", args.max_batches)
     # metric networks first: a bad weights file fails before the tokenizer or the dataset is fetched
     if args.lpips_weights is not None and not Path(args.lpips_weights).is_file():
         raise FileNotFoundError(f"--lpips_weights {args.lpips_weights!r} is not a file; expected torchvision's VGG16 "
@@ -135,7 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.resolution is None:
         args.resolution = info.get("resolution") or tokenizer.image_processor.resolution or 32
     # The training run's split only applies to the data it was trained on.
-    same_data = info.get("dataset") == (args.dataset or args.dataset_name or args.train_data_dir)
+    same_data = _same_data(info.get("dataset"), args)
+    if not same_data and (args.seed is None or args.validation_split is None):
+        print(f"not the training data ({info.get('dataset')!r}): the held-out split is drawn with the defaults "
+              "(--seed 0 and the usual --validation_split) unless given", file=sys.stderr)
     if args.seed is None:
         args.seed = info.get("seed", 0) if same_data else 0
     if args.validation_split is None:

@@ -133,7 +133,7 @@ def train_prior(args: argparse.Namespace) -> Path:
     # modules would otherwise shift label dropout and pkeep after a resume.
     with torch.random.fork_rng(devices=[]):
         tokenizer = _load_tokenizer(args, metadata)
-    step = maybe_resume(accelerator, args, guard, extra_state)
+    step = maybe_resume(accelerator, args, guard, extra_state, outputs=("prior", "pipeline"))
     init_trackers(accelerator, args, "vqstack-prior")
 
     def report(loss: float | None, step: int) -> None:
@@ -173,7 +173,7 @@ def _train_micro_step(accelerator, model, optimizer, scheduler, batch, args, gua
         with accelerator.autocast():
             loss = model(indices, labels).loss
         if guard.is_bad(accelerator, loss):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)  # at the step's last micro-batch: drops the whole step
             return None
         apply_gradients(accelerator, model, loss, optimizer, scheduler, args)
     return float(loss.detach())

@@ -84,7 +84,8 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adversarial_weight", type=float, default=0.0, help="PatchGAN weight (0 = no GAN)")
     group.add_argument("--disc_start", type=int, default=0, help="step at which the discriminator starts")
     group.add_argument("--disc_loss", type=str, default="hinge", choices=["hinge", "non_saturating"])
-    group.add_argument("--disc_learning_rate", type=float, default=None, help="default: --learning_rate")
+    group.add_argument("--disc_learning_rate", type=float, default=None,
+                       help="default: --learning_rate; constant (--lr_scheduler applies to the tokenizer only)")
     group.add_argument("--lecam_weight", type=float, default=0.0)
     group.add_argument("--channels_last", action="store_true", help="channels_last memory format: faster convolutions on GPUs; on CPUs PyTorch's bf16 "
                        "GroupNorm is several times slower on it, so measure before using it there")
@@ -104,6 +105,27 @@ def build_tokenizer_config(args: argparse.Namespace, in_channels: int) -> VQToke
             data["quantizer"] = {**data["quantizer"], **overrides["quantizer"]}
         return VQTokenizerConfig.from_dict(data, source=args.config)
     return VQTokenizerConfig.from_preset(args.config, **overrides)
+
+
+def check_loss_args(args: argparse.Namespace) -> None:
+    """Loss flags that would be ignored, or that would fail only once the discriminator starts, fail now."""
+    if args.adversarial_weight == 0:
+        ignored = [flag for flag, value, default in (
+            ("--disc_start", args.disc_start, 0), ("--disc_loss", args.disc_loss, "hinge"),
+            ("--disc_learning_rate", args.disc_learning_rate, None), ("--lecam_weight", args.lecam_weight, 0.0),
+        ) if value != default]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} set the discriminator, which only runs with --adversarial_weight "
+                             "> 0")
+    else:
+        if args.disc_learning_rate is not None and not args.disc_learning_rate > 0:
+            raise ValueError(f"--disc_learning_rate must be > 0, got {args.disc_learning_rate}")
+        smallest = 3 * 2 ** VQGANLossConfig.disc_layers  # NLayerDiscriminator.output_size must stay >= 1
+        if args.resolution < smallest:
+            raise ValueError(f"--resolution {args.resolution} is too small for the {VQGANLossConfig.disc_layers}-layer "
+                             f"PatchGAN discriminator of --adversarial_weight: use at least {smallest}")
+    if args.perceptual_weight == 0 and args.lpips_weights is not None:
+        raise ValueError("--lpips_weights is only used with --perceptual_weight > 0")
 
 
 def load_data(args: argparse.Namespace, channels: int | None = None, augment: bool = True):
@@ -133,6 +155,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     for name in ("num_validation_images", "max_validation_batches"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_loss_args(args)
     accelerator = make_accelerator(args)
     with accelerator.main_process_first():
         datasets, channels, source = load_data(args, args.in_channels)
@@ -154,22 +177,25 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     model, optimizer, scheduler, train_loader, val_loader = accelerator.prepare(
         model, optimizer, scheduler, train_loader, val_loader)
     loss_fn.to(accelerator.device)
-    disc_optimizer = None
+    disc = None
+    guard = NonFiniteGuard(args.max_nonfinite_steps)
     if loss_fn.uses_discriminator:
         disc_optimizer = torch.optim.Adam(loss_fn.discriminator.parameters(),
-                                          lr=args.disc_learning_rate or args.learning_rate, betas=(0.5, 0.9))
-        disc_optimizer = accelerator.prepare(disc_optimizer)
+                                          lr=args.learning_rate if args.disc_learning_rate is None
+                                          else args.disc_learning_rate, betas=(0.5, 0.9))
+        disc = DiscriminatorStep(accelerator, accelerator.prepare(disc_optimizer), loss_fn.discriminator,
+                                 NonFiniteGuard(args.max_nonfinite_steps, what="discriminator loss"))
 
     ema = ExponentialMovingAverage(unwrap_float32(accelerator, model), args.ema_decay) if args.use_ema else None
     # The loss module holds the discriminator and LeCam statistics: checkpointed, never exported.
     extra_state = {"loss": loss_fn, **({"ema": ema} if ema else {})}
-    guard = NonFiniteGuard(args.max_nonfinite_steps)
-    step = maybe_resume(accelerator, args, guard, extra_state)
+    if disc is not None and disc.scaler is not None:
+        extra_state["discriminator_scaler"] = disc  # fp16: its own loss scale, for an exact resume
+    step = maybe_resume(accelerator, args, guard, extra_state, outputs=("tokenizer",))
     init_trackers(accelerator, args, "vqstack-tokenizer")
 
     def micro_step(batch: dict, step: int) -> dict:
-        return _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_optimizer, batch, step, args,
-                                 guard)
+        return _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc, batch, step, args, guard)
 
     def report(logs: dict, step: int) -> None:
         bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "rec", "usage", "perplexity")})
@@ -194,7 +220,7 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     return export_trained_model(accelerator, model, ema, args, "tokenizer", annotate)
 
 
-def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_optimizer, batch, step, args, guard):
+def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc, batch, step, args, guard):
     pixels = batch["pixel_values"]
     if args.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -206,25 +232,77 @@ def _train_micro_step(accelerator, model, loss_fn, optimizer, scheduler, disc_op
             out = model(pixels)
             loss, logs = loss_fn.generator_loss(pixels, out.reconstruction, out.quantizer_loss, last_layer, step)
         if guard.is_bad(accelerator, loss):
-            optimizer.zero_grad(set_to_none=True)
-            if disc_optimizer is not None and accelerator.sync_gradients:
-                # the step is skipped: the discriminator's gradients of its earlier micro-batches go with it
-                disc_optimizer.zero_grad(set_to_none=True)
+            # no backward; at the step's last micro-batch, the gradients of the whole step (the generator's and the
+            # discriminator's) are dropped and neither optimizer steps
+            if accelerator.sync_gradients:
+                optimizer.zero_grad(set_to_none=True)
+                if disc is not None:
+                    disc.drop_step()
             return {"skipped_nonfinite_steps": guard.skipped}
         apply_gradients(accelerator, model, loss, optimizer, scheduler, args)
-        if disc_optimizer is not None and loss_fn.discriminator_active(step):
+        if disc is not None and loss_fn.discriminator_active(step):
             with accelerator.autocast():
                 d_loss, d_logs = loss_fn.discriminator_loss(pixels, out.reconstruction.detach(), step)
-            if not guard.is_bad(accelerator, d_loss):
-                accelerator.backward(d_loss)  # scaled by 1 / gradient_accumulation_steps
-            if accelerator.sync_gradients:  # the last micro-batch of the step
-                _average_gradients(accelerator, loss_fn.discriminator)
-                disc_optimizer.step()
-                disc_optimizer.zero_grad(set_to_none=True)
+            disc.accumulate(d_loss)
             logs.update(d_logs)
     logs.update(loss=float(loss.detach()), usage=float(out.stats.usage), perplexity=float(out.stats.perplexity),
                 lr=scheduler.get_last_lr()[0])
     return logs
+
+
+class DiscriminatorStep:
+    """The discriminator's side of each step: its optimizer, its non-finite guard and, under fp16, a loss scaler of
+    its own.
+
+    accelerate's GradScaler is updated by the tokenizer's optimizer step, before the last micro-batch's
+    discriminator backward: shared, it unscaled the micro-batches accumulated before that update with the new scale
+    (wrong weights whenever the scale changed), and it was updated twice per step.
+    """
+
+    def __init__(self, accelerator, optimizer, discriminator: torch.nn.Module, guard: NonFiniteGuard):
+        self.accelerator, self.optimizer, self.discriminator, self.guard = accelerator, optimizer, discriminator, guard
+        self.scaler = None
+        shared = accelerator.scaler
+        if shared is not None:
+            optimizer.scaler = None  # the prepared optimizer steps plainly; self.scaler unscales and skips for it
+            self.scaler = torch.amp.GradScaler(accelerator.device.type, init_scale=shared.get_scale(),
+                                               growth_factor=shared.get_growth_factor(),
+                                               backoff_factor=shared.get_backoff_factor(),
+                                               growth_interval=shared.get_growth_interval())
+
+    def accumulate(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss; at the step's last micro-batch, average over processes and step."""
+        accelerator = self.accelerator
+        bad = self.guard.is_bad(accelerator, loss)
+        if not bad:
+            if self.scaler is None:
+                accelerator.backward(loss)  # scaled by 1 / gradient_accumulation_steps
+            else:
+                (self.scaler.scale(loss) / accelerator.gradient_accumulation_steps).backward()
+        if accelerator.sync_gradients:  # the last micro-batch of the step
+            if not bad:
+                _average_gradients(accelerator, self.discriminator)
+                if self.scaler is None:
+                    self.optimizer.step()
+                else:
+                    self.scaler.step(self.optimizer.optimizer)  # skipped when the unscaled gradients are not finite
+                    self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def drop_step(self) -> None:
+        """The generator's step was skipped (at its last micro-batch): drop the discriminator's step too."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.guard.drop_step()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fp16 scaler's state, as tensors (checkpointed as `discriminator_scaler.safetensors`)."""
+        if self.scaler is None:
+            return {}
+        return {key: torch.tensor(value) for key, value in self.scaler.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.scaler is not None:
+            self.scaler.load_state_dict({key: value.item() for key, value in state.items()})
 
 
 @contextlib.contextmanager

@@ -234,32 +234,46 @@ class ExponentialMovingAverage:
 
 
 class NonFiniteGuard:
-    """Skips steps whose loss is NaN/Inf and stops the run after `limit` consecutive ones.
+    """Skips optimizer steps whose loss is NaN/Inf and stops the run after `limit` consecutive ones.
 
-    All processes agree (the flag is summed over processes), so none of them steps alone.
+    A step is skipped whole: one non-finite micro-batch voids the gradients of every micro-batch accumulated into
+    the same optimizer step. All processes agree (the flag is summed over processes), so none of them steps alone.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, what: str = "loss"):
         self.limit = limit
+        self.what = what
         self.consecutive = 0
         self.skipped = 0
+        self._step_is_bad = False  # a micro-batch of the optimizer step being accumulated was non-finite
 
     def is_bad(self, accelerator: Accelerator, loss: torch.Tensor) -> bool:
+        """True when this micro-batch's loss, or an earlier one of the same optimizer step, is non-finite on any
+        process: the caller then skips its backward and, at the step's last micro-batch (`sync_gradients`),
+        drops the accumulated gradients instead of stepping. Steps are counted at their last micro-batch."""
         flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
-        bad = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        self._step_is_bad |= bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        if not accelerator.sync_gradients:
+            return self._step_is_bad
+        bad, self._step_is_bad = self._step_is_bad, False
         if not bad:
             self.consecutive = 0
             return False
         self.consecutive += 1
         self.skipped += 1
-        warnings.warn(f"non-finite loss ({loss.item()}): step skipped ({self.skipped} skipped so far)", stacklevel=2)
+        warnings.warn(f"non-finite {self.what} ({loss.item()}): optimizer step skipped ({self.skipped} skipped so far)",
+                      stacklevel=2)
         if self.consecutive >= self.limit:
             raise FloatingPointError(
-                f"the loss was NaN/Inf for {self.consecutive} consecutive steps (--max_nonfinite_steps={self.limit}); "
-                "stopping without saving these weights. Lower --learning_rate, use --mixed_precision no, or "
-                "resume from the last checkpoint."
+                f"the {self.what} was NaN/Inf for {self.consecutive} consecutive steps (--max_nonfinite_steps="
+                f"{self.limit}); stopping without saving these weights. Lower --learning_rate, use --mixed_precision "
+                "no, or resume from the last checkpoint."
             )
         return True
+
+    def drop_step(self) -> None:
+        """Forget a non-finite micro-batch of the current step: another guard's skip drops this step already."""
+        self._step_is_bad = False
 
 
 def save_training_checkpoint(accelerator: Accelerator, args: argparse.Namespace, step: int, guard: NonFiniteGuard,
@@ -282,10 +296,18 @@ def save_training_checkpoint(accelerator: Accelerator, args: argparse.Namespace,
 
 
 def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, guard: NonFiniteGuard,
-                 extra_state: dict[str, Any]) -> int:
-    """Load the checkpoint named by --resume_from_checkpoint; return the step to continue from (0 for a new run)."""
+                 extra_state: dict[str, Any], outputs: tuple[str, ...] = ()) -> int:
+    """Load the checkpoint named by --resume_from_checkpoint; return the step to continue from (0 for a new run).
+
+    `outputs` are the folders the run exports into --output_dir (besides validation/): a new run (no
+    --resume_from_checkpoint) refuses to replace those of an earlier run unless --overwrite_output_dir is given.
+    """
     path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     check_output_dir(accelerator, args.output_dir, path, args.overwrite_output_dir)
+    if args.resume_from_checkpoint is None and not args.overwrite_output_dir:
+        _refuse_earlier_outputs(args.output_dir, ("validation", *outputs))
+    if path is not None:
+        _check_checkpoint_matches(accelerator, path, extra_state)
     # The validation log and images past the starting point come from another run, or from this run beyond its
     # checkpoint: the steps about to run would otherwise be logged twice.
     trim_validation_log(accelerator, args, checkpoint_step(path) if path is not None else 0)
@@ -294,17 +316,47 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, guard: NonF
     accelerator.load_state(str(path))
     state = json.loads((path / TRAINING_STATE_NAME).read_text())
     for name, obj in extra_state.items():
-        if not (path / f"{name}.safetensors").is_file():
-            flag = " (it was written by a run without --use_ema)" if name == "ema" else ""
-            raise FileNotFoundError(f"checkpoint {path} has no {name}.safetensors{flag}; resume with the flags of the "
-                                    "run that wrote it, or start a new run")
-        tensors = load_file(str(path / f"{name}.safetensors"), device=str(accelerator.device))
-        obj.load_state_dict(tensors)  # nn.Module.load_state_dict is strict by default
+        # read on the CPU: safetensors refuses accelerate's "cpu:0" device of CPU multi-process runs;
+        # load_state_dict copies the values onto the module's own device
+        tensors = load_file(str(path / f"{name}.safetensors"), device="cpu")
+        try:
+            obj.load_state_dict(tensors)  # nn.Module.load_state_dict is strict by default
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise ValueError(f"{path / f'{name}.safetensors'} does not match this run's {name} state ({error}). "
+                             "It was written with other flags (e.g. --adversarial_weight, --lecam_weight); resume "
+                             "with the flags of the run that wrote it, or start a new run") from None
     if "ema" not in extra_state and (path / "ema.safetensors").is_file():
         logger.warning("checkpoint %s holds EMA weights, but this run has no --use_ema: they are not used", path)
     guard.skipped = state.get("skipped_nonfinite_steps", 0)
     accelerator.print(f"resumed from {path} at step {state['global_step']}")
     return int(state["global_step"])
+
+
+def _refuse_earlier_outputs(output_dir: str | Path, names: tuple[str, ...]) -> None:
+    """A new run would wipe the validation log of an earlier run there and overwrite its exported model."""
+    found = [name for name in names if (Path(output_dir) / name).is_dir() and any((Path(output_dir) / name).iterdir())]
+    if found:
+        raise FileExistsError(
+            f"{output_dir} holds the outputs of an earlier run ({', '.join(f'{name}/' for name in found)}) and no "
+            "checkpoint to resume. Choose another --output_dir, pass --overwrite_output_dir to replace them, or "
+            "--resume_from_checkpoint latest to continue a run that stopped before its first checkpoint"
+        )
+
+
+def _check_checkpoint_matches(accelerator: Accelerator, path: Path, extra_state: dict[str, Any]) -> None:
+    """The checkpoint holds what this run will load: its optimizers (the discriminator's is the second) and
+    extra states. Checked before loading anything, so that a mismatch names the flags instead of a file."""
+    saved = len(list(path.glob("optimizer*.bin")))
+    if saved != len(accelerator._optimizers):
+        raise ValueError(
+            f"checkpoint {path} holds {saved} optimizer(s), this run has {len(accelerator._optimizers)}: it was "
+            "written with a different --adversarial_weight (the discriminator has its own optimizer). Resume with "
+            "the flags of the run that wrote it, or start a new run from its exported model")
+    for name in extra_state:
+        if not (path / f"{name}.safetensors").is_file():
+            flag = " (it was written by a run without --use_ema)" if name == "ema" else ""
+            raise FileNotFoundError(f"checkpoint {path} has no {name}.safetensors{flag}; resume with the flags of the "
+                                    "run that wrote it, or start a new run")
 
 
 def unwrap_float32(accelerator: Accelerator, model: nn.Module) -> nn.Module:

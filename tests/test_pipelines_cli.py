@@ -327,6 +327,27 @@ def test_evaluate_tokenizer_defaults_to_training_resolution_and_plain_crops(work
     assert 0 < flipped < 16
 
 
+def test_evaluate_tokenizer_knows_a_training_folder_however_it_is_spelled(tmp_path, monkeypatch):
+    """A trailing slash or an absolute path named another dataset: the training seed and split were dropped."""
+    from pipelines.evaluate import _same_data
+
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("imgs/", "./imgs", str(tmp_path / "imgs")):
+        args = evaluate_parser().parse_args(["--tokenizer", "x", "--train_data_dir", spelling])
+        assert _same_data("./imgs", args), spelling
+    assert not _same_data("./other", args) and not _same_data(None, args)
+    digits = evaluate_parser().parse_args(["--tokenizer", "x", "--dataset", "digits"])
+    assert _same_data("digits", digits) and not _same_data("./imgs", digits)
+
+
+@pytest.mark.parametrize("flag", ["--max_batches", "--batch_size"])
+def test_evaluate_tokenizer_refuses_non_positive_sizes(workdir, flag):
+    with pytest.raises(ValueError, match=f"{flag} must be a positive int, got 0"):
+        main(["evaluate-tokenizer", "--tokenizer", str(workdir / "tok" / "tokenizer"), "--dataset", "digits",
+              flag, "0"])
+
+
 def test_evaluate_tokenizer_reports_rfid_with_local_inception_weights(workdir, tmp_path, fid_weights_file):
     with pytest.warns(UserWarning, match="not comparable with published ones"):  # random-init weights
         main(["evaluate-tokenizer", "--tokenizer", str(workdir / "tok" / "tokenizer"), "--dataset", "digits",

@@ -88,6 +88,26 @@ def test_ema_codebook_has_no_codebook_loss_and_moves_toward_assigned_vectors():
     assert torch.all(quantizer.codebook[unassigned].norm(dim=1) < before[unassigned].norm(dim=1) + 1e-6)
 
 
+@pytest.mark.parametrize("kmeans_init", [False, True])
+def test_a_non_finite_batch_leaves_the_codebook_state_alone(kmeans_init):
+    """The trainer skips a non-finite step, but the EMA update and restarts run inside forward: NaN written into the
+    codebook there would never leave it."""
+    config = QuantizerConfig(codebook_size=8, codebook_dim=4, use_ema=True, dead_code_steps=1, kmeans_init=kmeans_init)
+    quantizer = build_quantizer(config, 6)
+    z, _ = clustered_latents(6, 20, 6)
+    if not kmeans_init:
+        quantizer(z)  # one clean step first
+    state = {k: v.clone() for k, v in quantizer.state_dict().items()}
+    bad = z.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    quantizer(bad)
+    for name, tensor in quantizer.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    out = quantizer(z)  # training goes on from the state before the bad batch
+    assert all(torch.isfinite(v).all() for v in quantizer.state_dict().values() if v.is_floating_point())
+    assert torch.isfinite(out.quantized).all() and bool(quantizer.initialized)
+
+
 def test_kmeans_init_puts_a_code_on_every_cluster():
     quantizer = build_quantizer(QuantizerConfig(codebook_size=8, **{**PLAIN, "kmeans_init": True}), 6)
     z, centers = clustered_latents(6, 20, 6)

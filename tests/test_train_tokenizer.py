@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,7 @@ def test_validation_log_holds_one_entry_per_step_of_this_run(tmp_path):
 
 def _micro_step_setup(tmp_path, *flags, scaler=None):
     """A tiny tokenizer, its loss with a discriminator and both optimizers, prepared as in train_tokenizer."""
+    from pipelines.train_tokenizer import DiscriminatorStep
     from pipelines.training import NonFiniteGuard, make_accelerator, make_scheduler
     from tokenizer import VQTokenizerConfig
     from tokenizer.losses import VQGANLoss, VQGANLossConfig
@@ -177,10 +179,11 @@ def _micro_step_setup(tmp_path, *flags, scaler=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scheduler = make_scheduler(args, optimizer, accelerator)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    disc_optimizer = accelerator.prepare(torch.optim.SGD(loss_fn.discriminator.parameters(), lr=1.0))
+    disc = DiscriminatorStep(accelerator, accelerator.prepare(torch.optim.SGD(loss_fn.discriminator.parameters(), lr=1.0)),
+                             loss_fn.discriminator, NonFiniteGuard(10, what="discriminator loss"))
     batches = [{"pixel_values": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1}
                for i in range(3)]
-    return args, accelerator, model, loss_fn, optimizer, scheduler, disc_optimizer, NonFiniteGuard(10), batches
+    return args, accelerator, model, loss_fn, optimizer, scheduler, disc, NonFiniteGuard(10), batches
 
 
 def _discriminator_gradient(loss_fn, state, pixels, reconstruction, scale, accelerator=None):
@@ -224,12 +227,46 @@ def test_a_skipped_generator_step_drops_the_discriminator_gradients(tmp_path):
     torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-8)
 
 
-def test_fp16_clipping_unscales_only_the_tokenizer_optimizer(tmp_path):
-    """accelerate's clip_grad_norm_ unscales every prepared optimizer: the discriminator's gradients of the earlier
-    micro-batches were divided by the loss scale twice."""
+@pytest.mark.parametrize("bad_micro_batch", [0, 1])
+def test_a_non_finite_micro_batch_skips_the_whole_accumulated_step(tmp_path, bad_micro_batch):
+    """With accumulation, zero_grad before the last micro-batch is a no-op: the step used to go ahead with the
+    other micro-batches' gradients when the first was bad. Now neither optimizer steps, and one skip is counted."""
     from pipelines.train_tokenizer import _train_micro_step
 
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    args, acc, model, loss_fn, opt, sched, dopt, guard, batches = _micro_step_setup(tmp_path)
+    real_g, calls = loss_fn.generator_loss, []
+
+    def generator_loss(*inputs):
+        calls.append(1)
+        loss, logs = real_g(*inputs)
+        return (loss * float("nan") if len(calls) == bad_micro_batch + 1 else loss), logs
+
+    loss_fn.generator_loss = generator_loss
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    disc_before = {k: v.detach().clone() for k, v in loss_fn.discriminator.named_parameters()}
+    with pytest.warns(UserWarning, match="optimizer step skipped"):
+        for batch in batches[:2]:  # one optimizer step of two micro-batches
+            _train_micro_step(acc, model, loss_fn, opt, sched, dopt, batch, 0, args, guard)
+    assert guard.skipped == 1 and not opt.optimizer.state  # Adam never stepped
+    weights = model.state_dict()
+    changed = [k for k, v in before.items() if "quantizer" not in k and not torch.equal(v, weights[k])]
+    assert not changed
+    for name, tensor in loss_fn.discriminator.named_parameters():  # (BatchNorm statistics follow every forward)
+        assert torch.equal(tensor, disc_before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    _train_micro_step(acc, model, loss_fn, opt, sched, dopt, batches[2], 1, args, guard)  # the next step is clean
+    assert guard.consecutive == 0 or not acc.sync_gradients
+
+
+@pytest.mark.parametrize("growth_interval", [2000, 1])
+def test_fp16_discriminator_gradients_are_unscaled_once_with_their_own_scale(tmp_path, growth_interval):
+    """accelerate's clip_grad_norm_ unscales every prepared optimizer: the discriminator's gradients of the earlier
+    micro-batches were divided by the loss scale twice. And with accelerate's scaler shared, the tokenizer's step
+    changed the scale (here at every step: growth_interval 1) before the last micro-batch's discriminator backward,
+    so the earlier micro-batch was unscaled with the new scale (weights 0.5 and 1)."""
+    from pipelines.train_tokenizer import _train_micro_step
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=growth_interval)
     args, acc, model, loss_fn, opt, sched, dopt, guard, batches = _micro_step_setup(
         tmp_path, "--mixed_precision", "fp16", scaler=scaler)
     seen, real_d = [], loss_fn.discriminator_loss
@@ -242,6 +279,13 @@ def test_fp16_clipping_unscales_only_the_tokenizer_optimizer(tmp_path):
     # fp16 rounding differs elementwise; the double unscaling gave a norm ratio of 0.68 and a cosine of 0.71
     cosine = torch.nn.functional.cosine_similarity(applied.flatten(), expected.flatten(), dim=0)
     assert cosine > 0.999 and abs(applied.norm() / expected.norm() - 1) < 0.01
+    # each scaler grew once in this step (growth_interval 1), not the shared one twice; the discriminator's is saved
+    assert scaler.get_scale() == 2.0**10 * (2 if growth_interval == 1 else 1)
+    assert dopt.scaler.get_scale() == scaler.get_scale()
+    restored = type(dopt)(acc, acc.prepare(torch.optim.SGD(loss_fn.discriminator.parameters(), lr=1.0)),
+                          loss_fn.discriminator, guard)
+    restored.load_state_dict(dopt.state_dict())
+    assert restored.scaler.state_dict() == dopt.scaler.state_dict()
 
 
 def test_ema_decay_warms_up_and_its_count_is_checkpointed():
@@ -272,6 +316,36 @@ def test_resume_with_use_ema_from_a_checkpoint_without_ema_is_clear(tmp_path):
     run(["--max_train_steps", "1", *common])
     with pytest.raises(FileNotFoundError, match=r"no ema.safetensors \(it was written by a run without --use_ema\)"):
         run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--use_ema", *common])
+
+
+def test_resume_with_other_discriminator_flags_names_them(tmp_path):
+    """Pretraining without the GAN and resuming with it (or with LeCam) must fail naming the flags, not a file."""
+    common = ["--dataset", "digits", "--max_train_samples", "16", "--validation_steps", "100",
+              "--output_dir", str(tmp_path / "run"), *TINY]
+    run(["--max_train_steps", "1", *common])
+    with pytest.raises(ValueError, match="1 optimizer.*this run has 2.*--adversarial_weight"):
+        run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--adversarial_weight", "0.1", *common])
+    gan = ["--adversarial_weight", "0.1", "--output_dir", str(tmp_path / "gan")]
+    run(["--max_train_steps", "1", *common, *gan])
+    with pytest.raises(ValueError, match="(?s)loss.safetensors does not match.*--lecam_weight"):
+        run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--lecam_weight", "0.1", *common, *gan])
+
+
+def test_new_run_refuses_to_replace_an_earlier_runs_outputs(tmp_path):
+    """A run without checkpoints left there (deleted, or it stopped before the first one) still owns its
+    validation log and exported tokenizer: a new run wiped the log before its first step."""
+    out = tmp_path / "run"
+    common = ["--dataset", "digits", "--max_train_samples", "16", "--validation_steps", "1", "--output_dir", str(out),
+              "--max_train_steps", "1", *TINY]
+    run(common)
+    for checkpoint in out.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    log = (out / "validation" / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match=r"earlier run \(validation/, tokenizer/\).*--overwrite_output_dir"):
+        run(common)
+    assert (out / "validation" / "metrics.jsonl").read_text() == log
+    run([*common, "--resume_from_checkpoint", "latest"])  # "latest" with no checkpoint continues: a new run
+    run([*common, "--overwrite_output_dir"])
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
@@ -307,6 +381,20 @@ def test_bad_flags_fail_early(tmp_path):
              "--lr_scheduler", "linear", *TINY])
     with pytest.raises(ValueError, match=r"--seed must lie in \[0, 2\*\*32\)"):
         run(["--dataset", "digits", "--output_dir", str(tmp_path), *TINY, "--seed", str(2**32)])
+    # discriminator flags without the discriminator, and LPIPS weights without LPIPS, would be ignored
+    for flags in (["--lecam_weight", "0.1"], ["--disc_start", "5"], ["--disc_learning_rate", "1e-4"],
+                  ["--disc_loss", "non_saturating"]):
+        with pytest.raises(ValueError, match=f"{flags[0]} set the discriminator"):
+            run(["--dataset", "digits", "--output_dir", str(tmp_path), *TINY, *flags])
+    with pytest.raises(ValueError, match="--lpips_weights is only used with --perceptual_weight > 0"):
+        run(["--dataset", "digits", "--output_dir", str(tmp_path), *TINY, "--lpips_weights", "vgg.pth"])
+    with pytest.raises(ValueError, match="--disc_learning_rate must be > 0"):
+        run(["--dataset", "digits", "--output_dir", str(tmp_path), *TINY, "--adversarial_weight", "0.1",
+             "--disc_learning_rate", "0"])
+    # the PatchGAN needs 24 pixels: refused before training, not when --disc_start is reached
+    with pytest.raises(ValueError, match="--resolution 16 is too small for the 3-layer PatchGAN.*at least 24"):
+        run(["--dataset", "digits", "--output_dir", str(tmp_path), *TINY, "--adversarial_weight", "0.1",
+             "--disc_start", "1000", "--resolution", "16"])
     assert not list(tmp_path.glob("checkpoint-*"))  # refused before any step
 
 
@@ -327,3 +415,9 @@ def test_two_process_accelerate_launch(tmp_path):
     # accelerate steps the schedule once per process: after 1 of 2 steps a linear decay is half way, not at 0
     scheduler = torch.load(out / "checkpoint-1" / "scheduler.bin", weights_only=True)
     assert scheduler["_last_lr"][0] == pytest.approx(0.5e-3)
+    # resuming with two CPU processes: their device is "cpu:0", which safetensors refused to load onto
+    command[command.index("--max_train_steps") + 1] = "3"
+    result = subprocess.run([*command, "--resume_from_checkpoint", "latest"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert VQTokenizer.from_pretrained(out / "tokenizer").training_info["train_steps"] == 3

@@ -33,6 +33,12 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """True when `tensor` holds no NaN/Inf on any process (every process gets the same answer)."""
+    flag = (~torch.isfinite(tensor)).any().to(torch.float32).reshape(1)
+    return float(all_reduce_sum_(flag).item()) == 0.0
+
+
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
     """Overwrite `tensor` with rank `src`'s copy, in place."""
     if is_distributed():

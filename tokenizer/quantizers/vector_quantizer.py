@@ -76,7 +76,10 @@ class VectorQuantizer(Quantizer):
         batch, _, height, width = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             latents = self._project_in(to_tokens(z))  # (N, d)
-            if self.training and not bool(self.initialized):
+            # A non-finite batch (on any process) leaves the codebook state alone: the trainer skips its step,
+            # and NaN written into the EMA statistics or the codebook would never leave them.
+            learn = self.training and distributed.all_finite(latents.detach())
+            if learn and not bool(self.initialized):
                 self._kmeans_init(latents.detach())
             codebook = self.codebook_vectors()  # (K, d)
             indices = self._search(latents, codebook)  # (N,)
@@ -86,7 +89,7 @@ class VectorQuantizer(Quantizer):
             entropy_loss = self._entropy_loss(latents, codebook)
             estimator = rotation_trick if self.config.gradient_estimator == "rotation" else straight_through
             quantized = self.project_out(estimator(codes, latents))  # (N, D)
-            stats = self._track(latents.detach(), indices)
+            stats = self._track(latents.detach(), indices, learn)
         return make_output(quantized, indices, (batch, height, width), stats, commit_loss=commit_loss,
                            codebook_loss=codebook_loss, entropy_loss=entropy_loss)
 
@@ -133,10 +136,10 @@ class VectorQuantizer(Quantizer):
                                   diversity=self.config.entropy_diversity_weight)
         return self.config.entropy_weight * penalty
 
-    def _track(self, latents: Tensor, indices: Tensor) -> CodebookStats:
-        """Usage bookkeeping, then (training only) EMA update and dead-code restarts."""
+    def _track(self, latents: Tensor, indices: Tensor, learn: bool) -> CodebookStats:
+        """With `learn`: usage bookkeeping, EMA update and dead-code restarts; otherwise only this batch's stats."""
         counts = self.code_counts(indices)  # (K,)
-        if not self.training:
+        if not learn:
             return self.codebook_stats(counts)
         self.update_usage(counts)
         if self.config.use_ema:
