@@ -305,6 +305,19 @@ def test_chunked_search_equals_unchunked_and_brute_force(cosine):
     assert torch.equal(tiny_chunks, full)
 
 
+@pytest.mark.parametrize("offset", [10.0, 100.0])
+def test_bf16_euclidean_search_far_from_the_origin_still_finds_the_nearest_code(offset):
+    """2 z.e - ||e||^2 is large far from the origin, and bf16 (even float32) kept no precision for the differences between codes:
+    the bf16 shortlist missed the nearest code for 45% of the latents at offset 10, float32 for 0.7% at 100."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2048, 8, generator=generator) + offset
+    codebook = torch.randn(1024, 8, generator=generator) + offset
+    expected = torch.cdist(latents.double(), codebook.double()).argmin(dim=1)
+    for search_dtype in (torch.float32, torch.bfloat16):
+        found = nearest_codes(latents, codebook, chunk_size=256, search_dtype=search_dtype)
+        assert (found != expected).sum() == 0, search_dtype
+
+
 @pytest.mark.parametrize("search_dtype", [torch.float32, torch.bfloat16])
 def test_search_tiled_over_latents_equals_one_block(monkeypatch, search_dtype):
     latents, codebook = torch.randn(300, 16), torch.randn(1000, 16)
@@ -390,6 +403,29 @@ def test_fsq_indices_stay_in_range_with_many_levels(levels):
     out = quantizer(torch.randn(8, len(levels), 8, 8) * 50)  # saturate the bound at both ends
     assert int(out.indices.min()) == 0 and int(out.indices.max()) == config.codebook_size - 1
     torch.testing.assert_close(quantizer.indices_to_codes(out.indices), out.quantized)  # no digit carried over
+
+
+@pytest.mark.parametrize("levels", [(514,), (2000, 3)])
+def test_fsq_on_a_bf16_cast_tokenizer_gives_the_float32_indices(levels):
+    """Its level constants were float buffers, rounded by .to(bf16) (514 // 2 -> 256): wrong or out-of-range ids."""
+    config = QuantizerConfig(kind="fsq", codebook_size=math.prod(levels), fsq_levels=levels)
+    quantizer = FiniteScalarQuantizer(config, len(levels)).eval()
+    latents = torch.randn(4, len(levels), 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    expected = quantizer(latents).indices
+    assert torch.equal(quantizer.to(torch.bfloat16)(latents).indices, expected)
+
+
+def test_fsq_nan_latents_give_a_nan_loss_not_a_crash():
+    """A NaN step must reach the trainer's non-finite guard (which skips it): bincount raised on the NaN index."""
+    config = QuantizerConfig(kind="fsq", codebook_size=64, fsq_levels=(4, 4, 4))
+    quantizer = FiniteScalarQuantizer(config, 6).train()
+    latents = torch.randn(2, 6, 4, 4)
+    quantizer(latents)
+    step = int(quantizer.usage_step)
+    latents[0, 0, 0, 0] = float("nan")
+    out = quantizer(latents)
+    assert not torch.isfinite(out.quantized).all() and 0 <= int(out.indices.min()) <= int(out.indices.max()) < 64
+    assert int(quantizer.usage_step) == step  # the bad batch is not counted as a step of codebook usage
 
 
 def test_lfq_round_trip_and_entropy_loss():

@@ -89,6 +89,10 @@ def test_processor_errors_and_persistence(tmp_path):
         VQImageProcessor(channels=2)
     with pytest.raises(ValueError, match="output_type"):
         processor.postprocess(torch.zeros(1, 3, 8, 8), "jpeg")
+    # a processor whose images the tokenizer could not encode is refused with the tokenizer
+    for fields in ({"resolution": 30}, {"crop_to_multiple": 2}):
+        with pytest.raises(ValueError, match="is not a multiple of the downsampling factor 4"):
+            VQTokenizer(VQTokenizer.from_preset("tiny").config, VQImageProcessor(**fields))
     processor = VQImageProcessor(channels=1, resolution=64)
     processor.save_pretrained(tmp_path)
     assert VQImageProcessor.from_json_file(tmp_path / "preprocessor_config.json") == processor

@@ -68,6 +68,12 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
         if self.image_processor.channels != config.in_channels:
             raise ValueError(f"image_processor.channels={self.image_processor.channels} does not match "
                              f"config.in_channels={config.in_channels}")
+        factor = config.downsample_factor
+        for name in ("resolution", "crop_to_multiple"):
+            value = getattr(self.image_processor, name)
+            if value is not None and value % factor:
+                raise ValueError(f"image_processor.{name}={value} is not a multiple of the downsampling factor "
+                                 f"{factor}: its images could not be encoded")
         self.training_info: dict[str, Any] = {}  # data, steps, metrics: shown on the model card when known
         self.encoder = Encoder(config)
         self.quantizer = build_quantizer(config.quantizer, embed_dim=config.latent_channels)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .base import (
     Float32Linear,
     Quantizer,
@@ -40,9 +41,16 @@ class FiniteScalarQuantizer(Quantizer):
         basis = torch.cumprod(torch.tensor((1,) + levels[:-1], dtype=torch.long), dim=0)
         self.register_buffer("levels_tensor", levels_tensor, persistent=False)
         self.register_buffer("basis", basis, persistent=False)
-        self.register_buffer("half_width", (levels_tensor // 2).float(), persistent=False)
-        # The rounded values of a channel with L levels: -(L // 2) .. (L - 1) // 2, exactly L of them.
-        self.register_buffer("highest", ((levels_tensor - 1) // 2).float(), persistent=False)
+
+    @property
+    def half_width(self) -> Tensor:
+        """(C,) float32 L // 2 per channel, from the integer levels (a float buffer would be rounded by .to(bf16))."""
+        return (self.levels_tensor // 2).float()
+
+    @property
+    def highest(self) -> Tensor:
+        """(C,) the highest rounded value: a channel with L levels takes -(L // 2) .. (L - 1) // 2, exactly L."""
+        return ((self.levels_tensor - 1) // 2).float()
 
     def bound(self, latents: Tensor) -> Tensor:
         """Squash each channel into (-L/2, L/2), shifted for even L so rounding yields exactly L values."""
@@ -62,10 +70,11 @@ class FiniteScalarQuantizer(Quantizer):
             grid = torch.clamp(bounded.round(), -self.half_width, self.highest)
             rounded = straight_through(grid, bounded)  # (N, C) integers in [-(L // 2), (L - 1) // 2]
             codes = rounded / self.half_width  # (N, C) in [-1, 1]
-            indices = self._digits_to_indices(rounded.detach())  # (N,)
+            # NaN latents (an overflowed step the trainer will skip) give index 0 instead of an invalid one
+            indices = self._digits_to_indices(torch.nan_to_num(rounded.detach(), nan=0.0))  # (N,)
             quantized = self.project_out(codes)  # (N, D)
             counts = self.code_counts(indices)
-            if self.training:
+            if self.training and distributed.all_finite(bounded.detach()):
                 self.update_usage(counts)
             stats = self.codebook_stats(counts)
         return make_output(quantized, indices, (batch, height, width), stats)
