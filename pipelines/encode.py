@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from accelerate import PartialState
 
 from tokenizer import VQImageProcessor, VQTokenizer
+from tokenizer.weights import write_file_atomically
 
 from .data._checks import check_positive_int
 from .training import cpu_only_multiprocess
@@ -282,7 +284,7 @@ def _readable_only(stream: datasets.IterableDataset, image_column: str, *,
         value = example[image_column]
         if _is_readable(value):
             return True
-        name = value.get("path") or "(bytes without a path)"
+        name = "(missing image)" if value is None else value.get("path") or "(bytes without a path)"
         if strict:
             raise ValueError(f"unreadable image {name!r} in the stream; fix or remove it, or drop --strict_data "
                              "to skip unreadable images with a warning")
@@ -323,6 +325,7 @@ def encode_dataset(tokenizer: VQTokenizer, dataset_dict: datasets.DatasetDict, o
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = PartialState(cpu=cpu_only_multiprocess())
+    _remove_metadata(output_dir, state)
     encoded = datasets.DatasetDict({
         name: encode_split(tokenizer, split, output_dir / name, resolution=resolution, batch_size=batch_size,
                            shard_size=shard_size, state=state, source=source)
@@ -339,8 +342,16 @@ def encode_dataset(tokenizer: VQTokenizer, dataset_dict: datasets.DatasetDict, o
         "splits": {name: len(split) for name, split in encoded.items()},
     }
     if state.is_main_process:
-        (output_dir / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+        write_file_atomically(output_dir / METADATA_NAME, json.dumps(metadata, indent=2) + "\n")
     return encoded, metadata
+
+
+def _remove_metadata(output_dir: Path, state: PartialState) -> None:
+    """tokens.json goes first and comes back last: a re-encode stopped half way (some splits from a new tokenizer,
+    some from the old) is then not loadable as a finished token dataset."""
+    if state.is_main_process:
+        (output_dir / METADATA_NAME).unlink(missing_ok=True)
+    state.wait_for_everyone()
 
 
 def _num_classes(feature, encoded: datasets.DatasetDict) -> int:
@@ -359,6 +370,13 @@ def load_token_dataset(path: str | Path) -> tuple[datasets.DatasetDict, dict[str
         raise FileNotFoundError(f"{path} has no {METADATA_NAME}; create it with `vqstack encode` first")
     metadata = json.loads(metadata_file.read_text())
     splits = {name: datasets.load_from_disk(str(path / name)) for name in metadata["splits"]}
+    records = {name: json.loads((path / name / PARAMS_NAME).read_text()) for name in splits
+               if (path / name / PARAMS_NAME).is_file()}
+    for key in ("tokenizer_sha256", "resolution"):
+        values = {name: record.get(key) for name, record in records.items()}
+        if len(set(values.values())) > 1:
+            raise ValueError(f"the splits of {path} were encoded with different settings ({key}: {values}); "
+                             "encode the dataset again with one tokenizer")
     for name, split in splits.items():
         if "indices" not in split.column_names:
             raise ValueError(f"split {name!r} of {path} has no 'indices' column; its columns are {split.column_names}")
@@ -446,12 +464,13 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
                                     cache_dir=args.cache_dir)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    _remove_metadata(output_dir, state)
     tokenizer = tokenizer.to(state.device)
     # Undecoded from the start: the positional filters of `streaming_splits` would otherwise decode every image,
     # held-out ones included, and fail on an unreadable one before `encode_stream` can skip it.
     image_column = args.image_column or "image"
     raw = datasets.IterableDatasetDict({name: _undecoded(split, image_column) for name, split in raw.items()})
-    splits = streaming_splits(raw, args.validation_split)
+    splits = streaming_splits(raw, args.validation_split, args.label_column or "label")
     if args.label_column and splits["train"].features is not None and args.label_column not in splits["train"].features:
         raise ValueError(f"--label_column {args.label_column!r} is not a column of the stream; its columns are "
                          f"{sorted(splits['train'].features)}")
@@ -472,23 +491,32 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
                 "class_names": list(label_feature.names) if labelled and isinstance(label_feature, datasets.ClassLabel)
                 else None, "tokenizer": args.tokenizer,
                 "splits": {name: len(split) for name, split in encoded.items()}}
-    (output_dir / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
+    write_file_atomically(output_dir / METADATA_NAME, json.dumps(metadata, indent=2) + "\n")
     print(json.dumps(metadata, indent=2))
     state.destroy_process_group()
 
 
-def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float) -> dict[str, datasets.IterableDataset]:
-    """"train" and "validation" streams: the source's own validation (or test) split when it has one.
+def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float,
+                     label_column: str | None = None) -> dict[str, datasets.IterableDataset]:
+    """"train" and "validation" streams: the source's own validation (or test) split when it has one, unless its
+    first example has no label in `label_column` (a test split published without labels).
 
     Otherwise every round(1 / validation_split)-th example of the training stream (positions 0, n, 2n, ...)
     is held out. Membership depends only on an example's position, so a resumed run splits the same way
     without reading the stream ahead.
     """
-    from .data.sources import _pick_splits
+    from .data.sources import MISSING_LABELS, _pick_splits
 
     if not 0.0 < validation_split < 1.0:
         raise ValueError(f"validation_split must lie strictly between 0 and 1, got {validation_split}")
     train, validation = _pick_splits(raw)
+    if validation is not None and label_column is not None:
+        first = next(iter(validation.take(1)), None)
+        if first is not None and label_column in first and first[label_column] in MISSING_LABELS:
+            warnings.warn(f"the source's held-out split has no labels ({label_column!r} is {first[label_column]!r}): "
+                          f"it is not used; every {max(2, round(1.0 / validation_split))}-th training example is held "
+                          "out instead", stacklevel=2)
+            validation = None
     if validation is not None:
         return {"train": train, "validation": validation}
     period = max(2, round(1.0 / validation_split))

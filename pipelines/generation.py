@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 PIPELINE_CONFIG_NAME = "pipeline.json"
 PIPELINE_FORMAT_VERSION = 1
+# Files an earlier push may have left that this one does not replace when its parts have no training record.
+STALE_HUB_FILES = ["tokenizer/training_info.json", "prior/training_metrics.json"]
 
 
 class IncompatibleComponentsError(ValueError):
@@ -199,7 +201,8 @@ class GenerationPipeline:
             save_image(grid, folder / "samples.png")
             pipeline_model_card(self, sample_grid="samples.png").save(folder / "README.md")
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                                       commit_message="Upload vqstack generation pipeline")
+                                       commit_message="Upload vqstack generation pipeline",
+                                       delete_patterns=STALE_HUB_FILES)
         return str(commit)
 
     def sample_grid(self, num_images: int = 16, seed: int = 0, **sampling: Any):

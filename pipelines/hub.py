@@ -6,6 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from huggingface_hub import HfApi
+
+from tokenizer.model_card import GENERATED_CARD_MARKER
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -18,15 +22,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def push_folder(folder: str | Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
-    """Load what `folder` holds (validating it) and push it with its generated model card.
+    """Load what `folder` holds (validating it) and push it.
 
-    A prior's config.json names its `prior_type`; any other config.json is taken for a tokenizer's.
+    With a generated model card (or none), the loaded model is pushed with a freshly generated card (a pipeline's
+    with a sample grid). A hand-written README.md is the author's: the folder is then uploaded as it is, card and
+    files unchanged. A prior's config.json names its `prior_type`; any other config.json is taken for a tokenizer's.
     """
     folder = Path(folder)
-    if (folder / "pipeline.json").is_file():
-        from .generation import GenerationPipeline
+    model, stale = _load_folder(folder)
+    card = folder / "README.md"
+    if card.is_file() and GENERATED_CARD_MARKER not in card.read_text(errors="replace"):
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return str(api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
+                                     commit_message=f"Upload {folder.name} (vqstack)", delete_patterns=stale))
+    return str(model.push_to_hub(repo_id, token=token, private=private))
 
-        return GenerationPipeline.from_pretrained(folder).push_to_hub(repo_id, token=token, private=private)
+
+def _load_folder(folder: Path):
+    """(the loaded tokenizer, prior or pipeline, the files an earlier push may have left stale)."""
+    if (folder / "pipeline.json").is_file():
+        from .generation import STALE_HUB_FILES, GenerationPipeline
+
+        return GenerationPipeline.from_pretrained(folder), STALE_HUB_FILES
     config = folder / "config.json"
     if config.is_file():
         try:
@@ -35,11 +53,13 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
             is_prior = False  # the tokenizer loader names the malformed file
         if is_prior:
             from prior import load_prior
+            from prior.base import TRAINING_METRICS_NAME
 
-            return str(load_prior(folder).push_to_hub(repo_id, token=token, private=private))
+            return load_prior(folder), [TRAINING_METRICS_NAME]
         from tokenizer import VQTokenizer
+        from tokenizer.modeling import TRAINING_INFO_NAME
 
-        return str(VQTokenizer.from_pretrained(folder).push_to_hub(repo_id, token=token, private=private))
+        return VQTokenizer.from_pretrained(folder), [TRAINING_INFO_NAME]
     raise FileNotFoundError(f"{folder} is not a saved tokenizer, prior or pipeline (no config.json / pipeline.json)")
 
 

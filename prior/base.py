@@ -263,22 +263,52 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
 
     # ----------------------------------------------------------------------------------------------------------
     # Save / load / Hub
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:
+        """ModelHubMixin.save_pretrained, made safe to interrupt: the mixin deletes config.json before anything is
+        written, so a save that fails before the new weights land puts the previous config.json back (from a hard
+        link: nothing is written, which a full disk could refuse)."""
+        folder = Path(save_directory)
+        config, backup = folder / CONFIG_NAME, folder / f".{CONFIG_NAME}.previous"
+        weights = folder / WEIGHTS_NAME
+        old_weights = weights.stat().st_ino if weights.is_file() else None  # a replaced file has a new inode
+        backup.unlink(missing_ok=True)
+        if config.is_file():
+            with contextlib.suppress(OSError):  # a file system without hard links: no safety net, as before
+                os.link(config, backup)
+        try:
+            return super().save_pretrained(folder, **kwargs)
+        except BaseException:
+            same_weights = weights.is_file() and weights.stat().st_ino == old_weights
+            if backup.exists() and same_weights and not config.exists():
+                os.replace(backup, config)
+            raise
+        finally:
+            backup.unlink(missing_ok=True)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """ModelHubMixin.push_to_hub; a training_metrics.json that an earlier push left in the repo is deleted unless
+        this prior uploads its own (the Hub keeps files an upload does not replace)."""
+        stale = kwargs.pop("delete_patterns", None) or []
+        stale = [stale] if isinstance(stale, str) else list(stale)
+        return super().push_to_hub(repo_id, delete_patterns=[*stale, TRAINING_METRICS_NAME], **kwargs)
+
     def _save_pretrained(self, save_directory: Path) -> None:
         """Write `config.json` (with prior_type and config_version) and `model.safetensors`, each atomically.
 
         A model card that an earlier save generated here is removed, so that the one written next describes these
         weights; a hand-written README.md is kept.
         """
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        metadata = {"format": "pt", "prior_type": self.prior_type}
+        # Serialized in memory and written by Python: safetensors' own file writer creates files with mode 0600.
+        weights = save(state, metadata=metadata)
+        # The weights first: a save stopped while writing them (the long write) leaves the previous model whole.
+        _atomic_write(save_directory / WEIGHTS_NAME, lambda path: Path(path).write_bytes(weights))
         card = save_directory / "README.md"
         if card.is_file() and GENERATED_CARD_MARKER in card.read_text(errors="replace"):
             card.unlink()
         config_text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
         _atomic_write(save_directory / CONFIG_NAME, lambda path: Path(path).write_text(config_text))
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        metadata = {"format": "pt", "prior_type": self.prior_type}
-        # Serialized in memory and written by Python: safetensors' own file writer creates files with mode 0600.
-        weights = save(state, metadata=metadata)
-        _atomic_write(save_directory / WEIGHTS_NAME, lambda path: Path(path).write_bytes(weights))
         if self.training_metrics:
             metrics_text = json.dumps(self.training_metrics, indent=2, sort_keys=True)
             _atomic_write(save_directory / TRAINING_METRICS_NAME, lambda path: Path(path).write_text(metrics_text))

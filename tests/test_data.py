@@ -343,6 +343,27 @@ def test_unlabelled_hub_test_split_is_replaced_and_missing_labels_refused(monkey
         load_image_dataset(dataset_name="user/partly-labelled", label_column="fine_label", require_labels=True)
 
 
+def test_missing_images_and_labels(monkeypatch):
+    """A null image passed the load-time check and crashed in the DataLoader; null labels crashed tokenizer training
+    (which needs none); an all -1 training split is an unlabelled dataset; "" is a missing label too."""
+    hub = _fake_hub_dataset({"train": ["cat", None, "dog", "cat", "dog", "", "cat", "dog"], "test": ["cat", "dog"]})
+    hub["train"] = hub["train"].map(lambda row, index: {"img": None if index == 3 else row["img"]}, with_indices=True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: hub)
+    with pytest.warns(UserWarning, match="1 unreadable image"):
+        data = load_image_dataset(dataset_name="user/holes", label_column="fine_label")  # labels unused
+    assert len(data["train"]) == 7 and data["train"].features["label"].names == ["", "cat", "dog"]
+    data = set_image_transforms(data, resolution=8, channels=3)
+    assert sorted(data["train"][:]["label"]) == [-1, 0, 1, 1, 2, 2, 2]  # the null label is -1, no crash
+    with pytest.raises(ValueError, match=r"'train' split has examples without a label .*\"''\", 'None'"):
+        load_image_dataset(dataset_name="user/holes", label_column="fine_label", require_labels=True)
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *args, **kwargs: _fake_hub_dataset({"train": [-1] * 6, "test": [-1, -1]}))
+    with pytest.warns(UserWarning, match="the training split has no labels"):
+        data = load_image_dataset(dataset_name="user/unlabeled", label_column="fine_label", require_labels=True,
+                                  validation_split=0.34)
+    assert data["train"].column_names == ["image"] and len(data["validation"]) == 2
+
+
 def test_hub_string_labels_share_one_vocabulary(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda *args, **kwargs: _fake_hub_dataset({"train": ["cat", "dog", "cat"], "validation": ["eel"]}))

@@ -162,6 +162,42 @@ def test_streaming_keeps_class_names_and_refuses_a_mistyped_label_column(tokeniz
         encode._label_id("dog", "species")
 
 
+def test_streaming_replaces_an_unlabelled_source_test_split_before_encoding():
+    """A test split published without labels (-1) crashed --streaming after the whole train split was encoded."""
+    raw = datasets.IterableDatasetDict({
+        "train": datasets.Dataset.from_dict({"image": images(8), "label": [0, 1] * 4}).to_iterable_dataset(),
+        "test": datasets.Dataset.from_dict({"image": images(2), "label": [-1, -1]}).to_iterable_dataset(),
+    })
+    with pytest.warns(UserWarning, match="held-out split has no labels.*every 4-th training example"):
+        splits = encode.streaming_splits(raw, 0.25, "label")
+    assert [row["label"] for row in splits["validation"]] == [0, 0]  # positions 0 and 4 of the training stream
+    assert len(list(splits["train"])) == 6
+    assert len(list(encode.streaming_splits(raw, 0.25, None)["validation"])) == 2  # labels unused: kept
+
+
+def test_a_half_finished_re_encode_is_not_loadable(tmp_path):
+    """Splits are replaced one at a time: a re-encode stopped between them left splits of two tokenizers under the
+    old tokens.json, and they loaded without an error."""
+    data = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": images(6)}),
+                                 "validation": datasets.Dataset.from_dict({"image": images(2)})})
+    encode.encode_dataset(tiny_tokenizer(0), data, tmp_path / "tokens", resolution=32)
+    real_split = encode.encode_split
+
+    def stops_at_validation(tokenizer, split, output_dir, **kwargs):
+        if output_dir.name == "validation":
+            raise KeyboardInterrupt
+        return real_split(tokenizer, split, output_dir, **kwargs)
+
+    with mock.patch.object(encode, "encode_split", stops_at_validation), pytest.raises(KeyboardInterrupt):
+        encode.encode_dataset(tiny_tokenizer(1), data, tmp_path / "tokens", resolution=32)
+    with pytest.raises(FileNotFoundError, match="has no tokens.json"):
+        load_token_dataset(tmp_path / "tokens")
+    # a tokens.json put back by hand still does not hide the mix
+    (tmp_path / "tokens" / "tokens.json").write_text(json.dumps({"splits": {"train": 6, "validation": 2}}))
+    with pytest.raises(ValueError, match="encoded with different settings \\(tokenizer_sha256"):
+        load_token_dataset(tmp_path / "tokens")
+
+
 @pytest.mark.parametrize("flag", ["--shard_size", "--batch_size"])
 def test_zero_sizes_are_refused_before_any_shard(tokenizer_dir, tmp_path, flag):
     folder = image_folder(tmp_path / "images", 4)

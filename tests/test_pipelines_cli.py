@@ -404,6 +404,35 @@ def test_push_detects_the_folder_kind_and_leaves_visibility_to_the_hub(workdir, 
     assert created == [None, True]  # no flag: the account's default visibility, not "public"
 
 
+def test_push_uploads_a_hand_written_folder_as_it_is_and_deletes_stale_records(workdir, tmp_path):
+    """A hand-written card was replaced by a generated one and bf16 weights were re-serialized as float32; and a
+    training record that the new upload lacks stayed on the Hub from an earlier push."""
+    import shutil
+
+    calls = []
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        root = Path(folder_path)
+        calls.append(({p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}, kwargs.get("delete_patterns")))
+        return "https://hub.example/commit"
+
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(workdir / "tok" / "tokenizer", tokenizer)
+    (tokenizer / "README.md").write_text("# My tokenizer\n\nHand-written.\n")
+    VQTokenizer.from_pretrained(tokenizer).to(torch.bfloat16).save_pretrained(tokenizer)  # keeps the card
+    on_disk = {p.name: p.read_bytes() for p in tokenizer.iterdir()}
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tok")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
+        main(["push", str(tokenizer), "--repo_id", "me/tok"])
+        VQTokenizer.from_pretrained(tokenizer).push_to_hub("me/tok")  # the Python API: a generated card
+        main(["push", str(workdir / "pipe"), "--repo_id", "me/pipe"])
+    (files, stale), (generated, stale_api), (_, stale_pipe) = calls
+    assert files == on_disk  # byte for byte: card and bf16 weights
+    assert stale == stale_api == ["training_info.json"]
+    assert b"Hand-written" not in generated["README.md"]
+    assert stale_pipe == ["tokenizer/training_info.json", "prior/training_metrics.json"]
+
+
 @pytest.mark.slow
 def test_two_process_generate_returns_distinct_images(workdir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

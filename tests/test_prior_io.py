@@ -151,6 +151,23 @@ def test_strict_weight_errors(saved):
         load_prior(folder)
 
 
+def test_interrupted_resave_keeps_the_previous_prior_loadable(saved, monkeypatch):
+    """The Hub mixin deletes config.json before writing: a save that failed left a folder that could not load."""
+    prior, folder = saved
+    before = {name: path.read_bytes() for name in ("config.json", "model.safetensors") for path in [folder / name]}
+
+    def fail(self, data):  # a full disk while writing the weights
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", fail)
+    other = type(prior)(type(prior.config).from_preset("tiny", num_classes=5))
+    with pytest.raises(OSError, match="disk full"):
+        other.save_pretrained(folder)
+    monkeypatch.undo()
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert load_prior(folder).config.num_classes == 3 and not list(folder.glob(".*"))
+
+
 def test_saved_files_follow_the_umask(prior, tmp_path):
     old_umask = os.umask(0o022)
     try:
@@ -207,6 +224,7 @@ def test_push_to_hub_uploads_weights_config_and_card(prior, monkeypatch):
             "files": sorted(path.name for path in folder.iterdir()),
             "card": (folder / "README.md").read_text(),
             "config": json.loads((folder / "config.json").read_text()),
+            "delete_patterns": kwargs.get("delete_patterns"),
         })
         return f"https://huggingface.co/{repo_id}/commit/0"
 
@@ -219,6 +237,7 @@ def test_push_to_hub_uploads_weights_config_and_card(prior, monkeypatch):
     assert upload["repo_id"] == "someone/tiny-prior"
     assert upload["files"] == ["README.md", "config.json", "model.safetensors", "training_metrics.json"]
     assert upload["config"]["prior_type"] == prior.prior_type
+    assert upload["delete_patterns"] == ["training_metrics.json"]  # an earlier push's record, unless replaced
     card = upload["card"]
     assert card.startswith("---\n") and "library_name: vqstack" in card
     for expected in (f"`{prior.prior_type}`", "4 x 4", "| codebook size K | 16 |", "| classes | 3 |",

@@ -190,11 +190,14 @@ def test_interrupted_save_keeps_the_previous_weights(saved, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(Path, "write_bytes", fail)
-    with pytest.raises(OSError, match="disk full"):
-        VQTokenizer.from_preset("tiny").save_pretrained(folder)
+    card = (folder / "README.md").read_text()
+    with pytest.raises(OSError, match="disk full"):  # another architecture: its config must not land either
+        VQTokenizer.from_preset("tiny", quantizer={"codebook_size": 32}).save_pretrained(folder)
     monkeypatch.undo()
     assert (folder / "model.safetensors").read_bytes() == before
     assert not list(folder.glob(".*.tmp"))
+    assert VQTokenizer.from_pretrained(folder).codebook_size == tok.codebook_size  # the previous model, whole
+    assert (folder / "README.md").read_text() == card
 
 
 def test_push_to_hub_uploads_weights_config_and_card(tmp_path):

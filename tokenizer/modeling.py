@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,18 +198,48 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
         VQTokenizerConfig.from_json_file(resolve_file(str(pretrained_model_name_or_path), CONFIG_NAME, **hub_kwargs))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> str | None:
+        """ModelHubMixin.save_pretrained, made safe to interrupt: the mixin deletes config.json before anything is
+        written, so a save that fails before the new weights land puts the previous config.json back (from a hard
+        link: nothing is written, which a full disk could refuse)."""
+        folder = Path(save_directory)
+        config, backup = folder / CONFIG_NAME, folder / f".{CONFIG_NAME}.previous"
+        weights = folder / WEIGHTS_NAME
+        old_weights = weights.stat().st_ino if weights.is_file() else None  # a replaced file has a new inode
+        backup.unlink(missing_ok=True)
+        if config.is_file():
+            with contextlib.suppress(OSError):  # a file system without hard links: no safety net, as before
+                os.link(config, backup)
+        try:
+            return super().save_pretrained(folder, **kwargs)
+        except BaseException:
+            same_weights = weights.is_file() and weights.stat().st_ino == old_weights
+            if backup.exists() and same_weights and not config.exists():
+                os.replace(backup, config)
+            raise
+        finally:
+            backup.unlink(missing_ok=True)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """ModelHubMixin.push_to_hub; a training_info.json that an earlier push left in the repo is deleted unless
+        this tokenizer uploads its own (the Hub keeps files an upload does not replace)."""
+        stale = kwargs.pop("delete_patterns", None) or []
+        stale = [stale] if isinstance(stale, str) else list(stale)
+        return super().push_to_hub(repo_id, delete_patterns=[*stale, TRAINING_INFO_NAME], **kwargs)
+
     def _save_pretrained(self, save_directory: Path) -> None:
         """Write config.json, model.safetensors, preprocessor_config.json (and training_info.json).
 
         A model card that an earlier save generated here is removed, so that the one written next describes these
         weights; a hand-written README.md is kept.
         """
-        remove_generated_card(save_directory)
-        self.config.to_json_file(save_directory / CONFIG_NAME)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         # Serialized in memory and written by Python: safetensors' own file writer creates files with mode 0600.
         weights = save(state, metadata={"format": "pt", "library": "vqstack"})
+        # The weights first: a save stopped while writing them (the long write) leaves the previous model whole.
         write_file_atomically(save_directory / WEIGHTS_NAME, weights)
+        remove_generated_card(save_directory)
+        self.config.to_json_file(save_directory / CONFIG_NAME)
         self.image_processor.save_pretrained(save_directory)
         info_path = save_directory / TRAINING_INFO_NAME
         if self.training_info:

@@ -98,14 +98,19 @@ def load_image_dataset(
     image_key, label_key = _find_columns(train, image_column, label_column)
     # Class-id columns only: any other kind of label column is refused by name in _standardize_columns.
     label_key_ids = label_key if require_labels and label_key and _is_class_label(train.features[label_key]) else None
-    if label_key_ids and validation is not None and set(validation.unique(label_key)) <= {-1, None}:
+    if label_key_ids and set(train.unique(label_key)) <= MISSING_LABELS:
+        # e.g. an "unlabeled" split: the data is unlabelled, not mislabelled
+        warnings.warn(f"the training split has no labels ({label_key!r} is all -1 or empty): the dataset is used "
+                      "unlabelled", stacklevel=2)
+        label_key = label_key_ids = None
+    if label_key_ids and validation is not None and set(validation.unique(label_key)) <= MISSING_LABELS:
         # Hub datasets mark the labels of a test split they do not publish with -1 (or leave them empty).
         warnings.warn(f"the source's held-out split has no labels ({label_key!r} is all -1 or empty): it is not used; "
                       f"validation_split={validation_split} of the training split is held out instead", stacklevel=2)
         validation = None
     for name, split in (("train", train), ("validation", validation)):
         if label_key_ids and split is not None:
-            missing = {-1, None} & set(split.unique(label_key))
+            missing = MISSING_LABELS & set(split.unique(label_key))
             if missing:
                 raise ValueError(f"the {name!r} split has examples without a label ({label_key!r} holds "
                                  f"{sorted(map(repr, missing))}); remove them, or pass the columns of an unlabelled "
@@ -117,6 +122,9 @@ def load_image_dataset(
         # Capped before the image check below, so that a quick run does not read the whole dataset.
         splits["train"] = splits["train"].shuffle(seed=seed).select(range(max_samples))
     return _drop_unreadable_images(datasets.DatasetDict(splits), strict=strict_data)
+
+
+MISSING_LABELS = {-1, None, ""}  # how Hub datasets mark an example without a label
 
 
 def _check_source(dataset_name: str | None, train_data_dir: str | None, embedded: str | None) -> None:
@@ -220,7 +228,8 @@ def _string_label_names(splits, label_key: str) -> list[str] | None:
     feature = next(iter(splits)).features[label_key]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         return None
-    return sorted({value for split in splits for value in split.unique(label_key)})
+    # missing labels (None) are no class: they become -1, and are refused where labels are required
+    return sorted({value for split in splits for value in split.unique(label_key)} - {None})
 
 
 def _is_class_label(feature: object) -> bool:
@@ -268,7 +277,7 @@ def _drop_unreadable_images(splits: datasets.DatasetDict, *, strict: bool) -> da
         readable = list(readable["readable"])
         bad = [index for index, ok in enumerate(readable) if not ok]
         if bad:
-            path = undecoded[bad[0]]["image"]["path"]
+            path = (undecoded[bad[0]]["image"] or {}).get("path")  # None for a missing image
             first_bad = first_bad or (repr(path) if path else f"at row {bad[0]} of the {name!r} split")
             if strict:
                 raise ValueError(
@@ -327,7 +336,9 @@ def _readable_flags(batch: dict) -> dict:
     return {"readable": [_is_readable(value) for value in batch["image"]]}
 
 
-def _is_readable(value: dict) -> bool:
+def _is_readable(value: dict | None) -> bool:
+    if value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None):
+        return False  # a missing image: decode_example returns None for it instead of raising
     try:
         # `decode_example` opens paths, bytes and remote/archived files alike, then calls `Image.load()`, which
         # reads every pixel: unlike `Image.verify()`, it also catches files truncated after a valid header.

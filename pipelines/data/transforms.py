@@ -97,7 +97,7 @@ def _eval_transform(resolution: int, channels: int) -> Callable:
 def _with_labels(batch: dict, pixel_values: torch.Tensor) -> dict:
     output = {"pixel_values": pixel_values}  # (B, C, H, W)
     if "label" in batch:
-        output["label"] = [int(label) for label in batch["label"]]
+        output["label"] = [-1 if label is None else int(label) for label in batch["label"]]  # -1: no label
     return output
 
 
