@@ -346,8 +346,8 @@ def _refuse_earlier_outputs(output_dir: str | Path, names: tuple[str, ...]) -> N
 def _check_checkpoint_matches(accelerator: Accelerator, path: Path, extra_state: dict[str, Any]) -> None:
     """The checkpoint holds what this run will load: its optimizers (the discriminator's is the second) and
     extra states. Checked before loading anything, so that a mismatch names the flags instead of a file."""
-    saved = len(list(path.glob("optimizer*.bin")))
-    if saved != len(accelerator._optimizers):
+    saved = len(list(path.glob("optimizer*")))  # optimizer.bin, optimizer_1.bin (or sharded folders)
+    if saved and saved != len(accelerator._optimizers):
         raise ValueError(
             f"checkpoint {path} holds {saved} optimizer(s), this run has {len(accelerator._optimizers)}: it was "
             "written with a different --adversarial_weight (the discriminator has its own optimizer). Resume with "
