@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tokenizer import VQTokenizer, VQTokenizerConfig
-from tokenizer.losses import VQGANLoss, VQGANLossConfig
+from tokenizer.losses import NLayerDiscriminator, VQGANLoss, VQGANLossConfig
 
 from .data import collate_images, infer_channels, load_image_dataset, set_image_transforms
 from .data.sources import DEFAULT_VALIDATION_SPLIT
@@ -120,7 +120,7 @@ def check_loss_args(args: argparse.Namespace) -> None:
     else:
         if args.disc_learning_rate is not None and not args.disc_learning_rate > 0:
             raise ValueError(f"--disc_learning_rate must be > 0, got {args.disc_learning_rate}")
-        smallest = 3 * 2 ** VQGANLossConfig.disc_layers  # NLayerDiscriminator.output_size must stay >= 1
+        smallest = NLayerDiscriminator.smallest_input(VQGANLossConfig.disc_layers)
         if args.resolution < smallest:
             raise ValueError(f"--resolution {args.resolution} is too small for the {VQGANLossConfig.disc_layers}-layer "
                              f"PatchGAN discriminator of --adversarial_weight: use at least {smallest}")

@@ -62,11 +62,16 @@ class NLayerDiscriminator(nn.Module):
         """Logit-grid side for an input side `size`: each stride-2 conv halves it, each stride-1 conv takes 1."""
         return size // 2**self.n_layers - 2
 
+    @staticmethod
+    def smallest_input(n_layers: int) -> int:
+        """The smallest image side that leaves a logit grid of at least 1x1 (output_size >= 1)."""
+        return 3 * 2**n_layers
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch logits (B, 1, H', W') for images (B, C, H, W); no sigmoid (losses work on logits)."""
         height, width = pixel_values.shape[-2:]
         if min(self.output_size(height), self.output_size(width)) < 1:
-            smallest = 3 * 2**self.n_layers
+            smallest = self.smallest_input(self.n_layers)
             raise ValueError(f"pixel_values of size {height}x{width} are too small for a {self.n_layers}-layer "
                              f"PatchGAN; expected H and W >= {smallest}")
         return self.layers(pixel_values)
