@@ -4,7 +4,7 @@ Every system trains in the same run, on the same batches (same data, same order)
 steps at the same learning rate, with the same loss (L1 reconstruction + the system's own VQ loss):
 
 - vqstack: `VQTokenizer` with the "small-f4" preset (VQGAN layout plus DC-AE's parameter-free resampling and
-  latent shortcuts) and its default quantizer (EMA, k-means init, 8-d cosine lookup, dead-code restarts,
+  latent shortcuts) and its default quantizer (EMA, k-means init, 4-d cosine lookup, dead-code restarts,
   entropy penalty), trained under bf16 autocast. The quantizer keeps its
   arithmetic in float32 inside autocast by design. Tensors stay in the default (NCHW) layout: on this CPU
   PyTorch's GroupNorm is about 5x slower on channels_last bf16 tensors than on NCHW ones, which costs more
