@@ -314,6 +314,23 @@ def test_lpips_loads_local_trunk_strictly(tmp_path, fake_vgg16_state):
         LPIPSLoss(net="vgg", trunk_weights=path, pnet_rand=True)
 
 
+def test_lpips_linear_heads_are_the_calibrated_ones_and_checked(tmp_path, random_lpips):
+    import lpips
+
+    with pytest.warns(UserWarning):  # lpips' own loader, for reference
+        reference = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    heads = {k: v for k, v in random_lpips.lpips.state_dict().items() if k.startswith(("lin0", "lin1", "lin2", "lin3", "lin4"))}
+    assert len(heads) == 5
+    for name, value in heads.items():
+        assert torch.equal(value, reference.state_dict()[name]), name
+    torch.save({k: v for k, v in heads.items() if k != "lin4.model.1.weight"}, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"missing keys \['lin4.model.1.weight'\]"):
+        perceptual_module.load_linear_weights(copy.deepcopy(random_lpips.lpips), tmp_path / "short.pth")
+    torch.save({**heads, "lin0.model.1.weight": torch.zeros(1, 3, 1, 1)}, tmp_path / "reshaped.pth")
+    with pytest.raises(ValueError, match="does not match the network"):
+        perceptual_module.load_linear_weights(copy.deepcopy(random_lpips.lpips), tmp_path / "reshaped.pth")
+
+
 # ---------------------------------------------------------------- VQGANLoss
 
 

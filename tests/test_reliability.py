@@ -135,6 +135,13 @@ def test_malicious_pickle_checkpoint_is_refused(tmp_path, monkeypatch):
     torch.save(_Exploit(), tmp_path / "vgg16.pth")
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
         LPIPSLoss(trunk_weights=str(tmp_path / "vgg16.pth"))
+    # So does LPIPS's file of calibrated linear heads, which lpips itself would read with a plain torch.load.
+    from tokenizer.losses import perceptual
+
+    torch.save(_Exploit(), tmp_path / "heads.pth")
+    monkeypatch.setattr(perceptual, "linear_weights_path", lambda net: tmp_path / "heads.pth")
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
+        LPIPSLoss(pnet_rand=True)
     assert not (tmp_path / "PWNED").exists()
 
 

@@ -134,6 +134,32 @@ def load_trunk_weights(trunk: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"trunk weights file {str(path)!r} does not match the LPIPS trunk: {error}") from error
 
 
+def linear_weights_path(net: str = "vgg") -> Path:
+    """The calibrated linear heads that ship inside the lpips package (`weights/v0.1/<net>.pth`)."""
+    return Path(lpips.__file__).resolve().parent / "weights" / "v0.1" / f"{net}.pth"
+
+
+def load_linear_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load LPIPS's calibrated linear heads (`lin*.model.1.weight`) strictly, reading the pickle with weights_only.
+
+    lpips itself reads this file with a plain `torch.load`, which unpickles anything on torch < 2.6; vqstack
+    builds the network without it and loads the heads here instead.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise TypeError(f"LPIPS linear weights file {str(path)!r} must hold a state dict, got {type(state).__name__}")
+    # lpips registers each head twice (`lin0` and, as the same tensor, `lins.0`); the file names the first.
+    expected = {name for name in model.state_dict() if name.startswith("lin") and not name.startswith("lins.")}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"LPIPS linear weights file {str(path)!r} does not match the network: missing keys "
+                         f"{missing}, unexpected keys {unexpected}")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise ValueError(f"LPIPS linear weights file {str(path)!r} does not match the network: {error}") from error
+
+
 class LPIPSLoss(nn.Module):
     """Frozen LPIPS distance between images in [-1, 1]; returns the batch mean as a float32 scalar.
 
@@ -172,10 +198,13 @@ class LPIPSLoss(nn.Module):
     @staticmethod
     def _build(net: str) -> nn.Module:
         # Always build a random trunk (no download): the ImageNet weights are loaded from a file afterwards.
+        # The linear heads are loaded here too, not by lpips (see `load_linear_weights`).
         # lpips passes torchvision's deprecated `pretrained=` flag, whose warnings say nothing useful here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.models\._utils")
-            return lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+            model = lpips.LPIPS(net=net, pnet_rand=True, pretrained=False, verbose=False)
+        load_linear_weights(model, linear_weights_path(net))
+        return model
 
     def train(self, mode: bool = True) -> "LPIPSLoss":
         """Switch mode for API symmetry; the LPIPS network itself always stays in eval mode."""
