@@ -75,7 +75,7 @@ def _finished_split(output_dir: Path, params: dict[str, Any]) -> datasets.Datase
     return None
 
 
-def _tokenizer_digest(tokenizer: VQTokenizer) -> str:
+def tokenizer_digest(tokenizer: VQTokenizer) -> str:
     """sha256 of the config and weights: a tokenizer retrained in place under the same path is told apart."""
     hasher = hashlib.sha256(json.dumps(tokenizer.config.to_dict(), sort_keys=True, default=str).encode())
     for name, tensor in sorted(tokenizer.state_dict().items()):
@@ -151,7 +151,7 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
     num_shards = max(1, math.ceil(len(dataset) / shard_size))
     shard_root = output_dir.with_name(output_dir.name + ".shards")
     params = {**(source or {}), "num_rows": len(dataset), "columns": keep, "shard_size": shard_size,
-              "resolution": resolution, "tokenizer_sha256": _tokenizer_digest(tokenizer)}
+              "resolution": resolution, "tokenizer_sha256": tokenizer_digest(tokenizer)}
     # A finished split is reused only for the same data: `datasets` fingerprints depend on the source files and
     # every operation applied since (an in-memory dataset gets a random one, so it is always encoded again).
     record = {**params, "fingerprint": dataset._fingerprint}
@@ -201,7 +201,7 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
     shard_root = output_dir.with_name(output_dir.name + ".shards")
     params = {**(source or {}), "max_samples": max_samples, "image_column": image_column,
               "label_column": label_column, "shard_size": shard_size, "resolution": resolution,
-              "tokenizer_sha256": _tokenizer_digest(tokenizer)}
+              "tokenizer_sha256": tokenizer_digest(tokenizer)}
     shard_root.mkdir(parents=True, exist_ok=True)  # a stream has no fingerprint: a finished split is encoded again
     _check_shards(shard_root, params)
     processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution)
@@ -377,6 +377,9 @@ def load_token_dataset(path: str | Path) -> tuple[datasets.DatasetDict, dict[str
         if len(set(values.values())) > 1:
             raise ValueError(f"the splits of {path} were encoded with different settings ({key}: {values}); "
                              "encode the dataset again with one tokenizer")
+    digests = {record.get("tokenizer_sha256") for record in records.values()} - {None}
+    if digests:  # for checking a tokenizer given later against the one that encoded the splits
+        metadata = {**metadata, "tokenizer_sha256": digests.pop()}
     for name, split in splits.items():
         if "indices" not in split.column_names:
             raise ValueError(f"split {name!r} of {path} has no 'indices' column; its columns are {split.column_names}")
@@ -512,10 +515,15 @@ def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float,
     train, validation = _pick_splits(raw)
     if validation is not None and label_column is not None:
         first = next(iter(validation.take(1)), None)
-        if first is not None and label_column in first and first[label_column] in MISSING_LABELS:
-            warnings.warn(f"the source's held-out split has no labels ({label_column!r} is {first[label_column]!r}): "
-                          f"it is not used; every {max(2, round(1.0 / validation_split))}-th training example is held "
-                          "out instead", stacklevel=2)
+        label = "no such column" if first is None or label_column not in first else repr(first[label_column])
+        unlabelled = first is not None and (label_column not in first or first[label_column] in MISSING_LABELS)
+        if unlabelled and label_column not in first:  # no column at all: only a loss if the training split has one
+            first_train = next(iter(train.take(1)), None)
+            unlabelled = first_train is not None and first_train.get(label_column) not in MISSING_LABELS
+        if unlabelled:
+            warnings.warn(f"the source's held-out split has no labels ({label_column!r}: {label}): it is not used; "
+                          f"every {max(2, round(1.0 / validation_split))}-th training example is held out instead",
+                          stacklevel=2)
             validation = None
     if validation is not None:
         return {"train": train, "validation": validation}

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import numbers
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -109,6 +110,13 @@ class GenerationPipeline:
             ids.append(int(label))
         if len(ids) != num_images:
             raise ValueError(f"labels has {len(ids)} entries but num_images={num_images}")
+        # Checked here, before any sampling: the prior would only refuse the batch that holds a bad id.
+        num_classes = self.prior.config.num_classes
+        if not num_classes:
+            raise ValueError("labels were given, but the prior is unconditional (num_classes=0); pass labels=None")
+        bad = sorted({i for i in ids if not 0 <= i < num_classes})
+        if bad:
+            raise ValueError(f"labels must be class ids in [0, {num_classes}), got {bad[:8]}")
         return torch.tensor(ids, dtype=torch.long)
 
     @torch.no_grad()
@@ -206,13 +214,18 @@ class GenerationPipeline:
         return str(commit)
 
     def sample_grid(self, num_images: int = 16, seed: int = 0, **sampling: Any):
-        """A PIL grid of samples: one row per class for class-conditional priors."""
+        """A PIL grid of about `num_images` samples: one row per class for a class-conditional prior with at most
+        `num_images` classes; with more classes, `num_images` samples of classes spread evenly over them."""
         num_classes = self.prior.config.num_classes
-        per_row = max(1, num_images // num_classes) if num_classes else int(math.sqrt(num_images)) or 1
-        labels = [c for c in range(num_classes) for _ in range(per_row)] if num_classes else None
+        if num_classes and num_classes <= num_images:
+            columns = num_images // num_classes
+            labels = [c for c in range(num_classes) for _ in range(columns)]
+        else:
+            columns = math.ceil(math.sqrt(num_images))
+            labels = [i * num_classes // num_images for i in range(num_images)] if num_classes else None
         count = len(labels) if labels else num_images
         out = self(count, labels=labels, seed=seed, output_type="pt", progress=False, **sampling)
-        return image_grid(out.images, columns=per_row, scale=2)
+        return image_grid(out.images, columns=columns, scale=2)
 
 
 def replace_saved_pipeline(pipeline: GenerationPipeline, folder: Path) -> None:
@@ -366,7 +379,8 @@ def _write_outputs(out: GenerationOutput, pipeline: GenerationPipeline, args: ar
     folder = Path(args.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     # A rerun into the folder replaces the earlier run's outputs, so that no image of that run is left beside these.
-    stale = [*folder.glob("[0-9][0-9][0-9][0-9][0-9].png"), folder / "grid.png", folder / "indices.npy"]
+    numbered = [path for path in folder.glob("*.png") if re.fullmatch(r"\d{5,}\.png", path.name)]  # {index:05d}
+    stale = [*numbered, folder / "grid.png", folder / "indices.npy"]
     for path in stale:
         path.unlink(missing_ok=True)
     from PIL import Image

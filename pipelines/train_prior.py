@@ -18,7 +18,7 @@ import torch
 from prior import PixelCNNConfig, PixelCNNPrior, Prior, TransformerPrior, TransformerPriorConfig, load_prior
 from prior.sampling import check_filter_args
 
-from .encode import load_token_dataset
+from .encode import load_token_dataset, tokenizer_digest
 from .generation import GenerationPipeline, replace_saved_pipeline
 from .images import image_grid, save_image
 from .training import (
@@ -243,6 +243,12 @@ def _load_tokenizer(args, metadata):
     if tokenizer.codebook_size != metadata["codebook_size"]:
         raise ValueError(f"--tokenizer has {tokenizer.codebook_size} codes but the tokens in {args.tokens_dir} use "
                          f"{metadata['codebook_size']}")
+    expected = metadata.get("tokenizer_sha256")
+    if expected is not None and tokenizer_digest(tokenizer) != expected:
+        # Same codebook size, other codes: the pipeline would decode the prior's tokens into noise.
+        raise ValueError(f"--tokenizer {args.tokenizer} is not the tokenizer that encoded {args.tokens_dir} (its config "
+                         "or weights differ); pass the tokenizer used by `vqstack encode`, or encode the dataset "
+                         "again with this one")
     return tokenizer
 
 

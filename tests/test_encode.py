@@ -173,6 +173,14 @@ def test_streaming_replaces_an_unlabelled_source_test_split_before_encoding():
     assert [row["label"] for row in splits["validation"]] == [0, 0]  # positions 0 and 4 of the training stream
     assert len(list(splits["train"])) == 6
     assert len(list(encode.streaming_splits(raw, 0.25, None)["validation"])) == 2  # labels unused: kept
+    # A test split without the label column at all used to be kept, and the token data lost its labels.
+    raw["test"] = datasets.Dataset.from_dict({"image": images(2)}).to_iterable_dataset()
+    with pytest.warns(UserWarning, match="held-out split has no labels \\('label': no such column\\)"):
+        splits = encode.streaming_splits(raw, 0.25, "label")
+    assert [row["label"] for row in splits["validation"]] == [0, 0]
+    # ... but a source with no labels anywhere keeps its own test split.
+    raw["train"] = datasets.Dataset.from_dict({"image": images(8)}).to_iterable_dataset()
+    assert len(list(encode.streaming_splits(raw, 0.25, "label")["validation"])) == 2
 
 
 def test_a_half_finished_re_encode_is_not_loadable(tmp_path):

@@ -118,6 +118,19 @@ def test_train_prior_unconditional_with_tokenizer_and_early_sample_flag_checks(w
         assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("checkpoint-*"))
 
 
+def test_train_prior_refuses_a_tokenizer_other_than_the_encoding_one(workdir, tmp_path):
+    """Same codebook size, other weights: its codes mean something else, so the pipeline would decode noise."""
+    other = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="is not the tokenizer that encoded"):
+        main(["train-prior", "--tokens_dir", str(workdir / "tokens"), "--prior", "pixelcnn", "--prior_config", "tiny",
+              "--max_train_steps", "1", "--train_batch_size", "8", "--tokenizer", str(tmp_path / "other"),
+              "--output_dir", str(tmp_path / "run"), *QUIET])
+    assert not (tmp_path / "run" / "pipeline").exists()
+
+
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -189,6 +202,40 @@ def test_pipeline_save_load_generate_deterministic(workdir, tmp_path):
         pipe(1, labels=["cat"])
     with pytest.raises(ValueError, match="labels has 2 entries but num_images=3"):
         pipe(3, labels=[1, 2])
+
+
+def test_bad_class_ids_are_refused_before_any_sampling(workdir, tmp_path):
+    pipe = GenerationPipeline.from_pretrained(workdir / "pipe")  # 10 classes
+    with mock.patch.object(pipe.prior, "sample", side_effect=AssertionError("sampled")) as sample:
+        for labels in ([0, 0, 0, 10], [-1, 0, 0, 0]):
+            with pytest.raises(ValueError, match=r"class ids in \[0, 10\)"):
+                pipe(4, labels=labels, batch_size=1, progress=False)
+        with pytest.raises(ValueError, match=r"class ids in \[0, 10\)"):
+            main(["generate", "--pipeline", str(workdir / "pipe"), "--output_dir", str(tmp_path / "gen"),
+                  "--num_images", "2", "--labels", "3", "12"])
+    assert sample.call_count == 0
+    unconditional = GenerationPipeline(pipe.tokenizer, TransformerPrior(
+        TransformerPriorConfig.from_preset("tiny", grid_shape=(8, 8), codebook_size=32)))
+    with pytest.raises(ValueError, match="the prior is unconditional"):
+        unconditional(2, labels=[0, 1], progress=False)
+
+
+def test_sample_grid_keeps_to_num_images_when_there_are_more_classes(workdir):
+    pipe = GenerationPipeline.from_pretrained(workdir / "pipe")  # 10 classes, 32px images, grid scale 2
+    seen = []
+    real_call = GenerationPipeline.__call__
+
+    def spy(self, count, labels=None, **kwargs):
+        seen.append(list(labels))
+        return real_call(self, count, labels=labels, **kwargs)
+
+    with mock.patch.object(GenerationPipeline, "__call__", spy):
+        many = pipe.sample_grid(20)
+        few = pipe.sample_grid(4)
+    assert seen[0] == [c for c in range(10) for _ in range(2)]  # one row of two per class
+    assert many.size[1] > many.size[0]
+    assert seen[1] == [0, 2, 5, 7]  # 4 images with classes spread over the 10
+    assert few.size[0] == few.size[1]  # 2 x 2
 
 
 def test_generate_command_rejects_bad_requests(workdir, tmp_path):
@@ -466,6 +513,11 @@ def test_generate_rerun_replaces_outputs_and_refuses_bad_labels_and_seeds(workdi
     main(["generate", "--pipeline", str(workdir / "pipe"), "--output_dir", str(tmp_path / "gen"), "--num_images", "2"])
     assert sorted(p.name for p in (tmp_path / "gen").glob("*.png")) == ["00000.png", "00001.png", "grid.png"]
     assert np.load(tmp_path / "gen" / "indices.npy").shape[0] == 2
+    for name in ("100000.png", "1234567.png"):  # the names of images past the 100,000th of an earlier run
+        Image.new("L", (4, 4)).save(tmp_path / "gen" / name)
+    (tmp_path / "gen" / "notes.png").write_bytes(b"kept")  # not one of generate's names
+    main(["generate", "--pipeline", str(workdir / "pipe"), "--output_dir", str(tmp_path / "gen"), "--num_images", "1"])
+    assert sorted(p.name for p in (tmp_path / "gen").glob("*.png")) == ["00000.png", "grid.png", "notes.png"]
     with pytest.raises(ValueError, match=r"--seed must lie in \[0, 2\*\*63\)"):
         main(["generate", "--pipeline", str(workdir / "pipe"), "--output_dir", str(tmp_path / "g"), "--seed", "-1"])
     pipe = GenerationPipeline.from_pretrained(workdir / "pipe")
