@@ -286,7 +286,7 @@ def save_training_checkpoint(accelerator: Accelerator, args: argparse.Namespace,
                                      "checkpoints with it; resume from the last checkpoint with a lower learning rate")
 
     def extra(folder: Path) -> None:
-        state = {"global_step": step, "skipped_nonfinite_steps": guard.skipped}
+        state = {"global_step": step, "skipped_nonfinite_steps": guard.skipped, "flags": _recorded_flags(args)}
         (folder / TRAINING_STATE_NAME).write_text(json.dumps(state) + "\n")
         for name, obj in extra_state.items():
             tensors = {k: v.detach().contiguous().cpu() for k, v in obj.state_dict().items()}
@@ -328,8 +328,34 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, guard: NonF
     if "ema" not in extra_state and (path / "ema.safetensors").is_file():
         logger.warning("checkpoint %s holds EMA weights, but this run has no --use_ema: they are not used", path)
     guard.skipped = state.get("skipped_nonfinite_steps", 0)
+    _warn_changed_flags(path, state.get("flags"), _recorded_flags(args))
     accelerator.print(f"resumed from {path} at step {state['global_step']}")
     return int(state["global_step"])
+
+
+# Flags that say where and how often to write, not what to train: a resume may change them freely. The Hub token
+# is a secret and is never written.
+_BOOKKEEPING_FLAGS = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_train_steps", "checkpointing_steps",
+    "checkpoints_total_limit", "validation_steps", "report_to", "push_to_hub", "hub_model_id", "hub_token",
+    "no_progress", "dataloader_num_workers", "max_nonfinite_steps",
+})
+
+
+def _recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {name: value for name, value in vars(args).items() if name not in _BOOKKEEPING_FLAGS}
+    return json.loads(json.dumps(flags, default=str))  # as written and read back
+
+
+def _warn_changed_flags(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """A resume continues the run exactly only with the flags that wrote the checkpoint: name any that differ."""
+    if saved is None:  # a checkpoint written before the flags were recorded
+        return
+    changed = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
+    if changed:
+        logger.warning("resuming from %s with flags other than the run that wrote it: %s. The run continues with the "
+                       "new values, so it will not match an uninterrupted run", path,
+                       ", ".join(f"--{name} {saved.get(name)!r} -> {current.get(name)!r}" for name in changed))
 
 
 def _refuse_earlier_outputs(output_dir: str | Path, names: tuple[str, ...]) -> None:

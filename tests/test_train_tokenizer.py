@@ -331,6 +331,21 @@ def test_resume_with_other_discriminator_flags_names_them(tmp_path):
         run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--lecam_weight", "0.1", *common, *gan])
 
 
+def test_resume_with_other_training_flags_names_them(tmp_path, caplog):
+    common = ["--dataset", "digits", "--max_train_samples", "16", "--validation_steps", "100",
+              "--output_dir", str(tmp_path / "run"), "--adversarial_weight", "0.1", *TINY]
+    run(["--max_train_steps", "1", *common])
+    state = json.loads((tmp_path / "run" / "checkpoint-1" / "training_state.json").read_text())
+    assert state["flags"]["adversarial_weight"] == 0.1 and "hub_token" not in state["flags"]
+    with caplog.at_level("WARNING", logger="pipelines.training"):
+        run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", *common])  # extended: nothing to say
+    assert "flags other than" not in caplog.text
+    with caplog.at_level("WARNING", logger="pipelines.training"):
+        run(["--max_train_steps", "3", "--resume_from_checkpoint", "latest", *common[:-len(TINY)],
+             "--learning_rate", "1e-3", "--adversarial_weight", "0.3", *TINY])
+    assert "--adversarial_weight 0.1 -> 0.3, --learning_rate 0.0002 -> 0.001" in caplog.text
+
+
 def test_new_run_refuses_to_replace_an_earlier_runs_outputs(tmp_path):
     """A run without checkpoints left there (deleted, or it stopped before the first one) still owns its
     validation log and exported tokenizer: a new run wiped the log before its first step."""
