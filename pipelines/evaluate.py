@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 from tokenizer import VQTokenizer
 
-from .metrics import CodeHistogram, psnr, ssim
+from .metrics import CodeHistogram, json_ready, psnr, ssim
 
 
 @torch.no_grad()
@@ -176,7 +176,11 @@ def main(argv: list[str] | None = None) -> None:
         metrics["rfid"] = None
         print(f"rFID not computed: no FID Inception weights at {fid_weights_cache_path()}; pass --fid_weights PATH",
               file=sys.stderr)
-    text = json.dumps(metrics, indent=2)
+    metrics, not_finite = json_ready(metrics)
+    if not_finite:
+        print(f"{', '.join(not_finite)} not finite (NaN/Inf), written as null: the tokenizer's reconstructions "
+              "contain NaN or Inf", file=sys.stderr)
+    text = json.dumps(metrics, indent=2, allow_nan=False)
     print(text)  # first: the results are not lost if the file below cannot be written
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from .metrics import check_image_pair
+
 FID_FEATURES = 2048  # the pool3 features of the standard FID
 FID_FEATURE_NAME = str(FID_FEATURES)
 
@@ -188,9 +190,7 @@ class ReconstructionFID:
 
         With an `accelerate.Accelerator`, call it on every process for every batch of the prepared dataloader.
         """
-        if originals.shape != reconstructions.shape:
-            raise ValueError(f"originals {tuple(originals.shape)} and reconstructions "
-                             f"{tuple(reconstructions.shape)} differ in shape")
+        check_image_pair(reconstructions, originals)
         real, fake = self._features(originals), self._features(reconstructions)
         if accelerator is not None:
             real, fake = accelerator.gather_for_metrics(real), accelerator.gather_for_metrics(fake)

@@ -22,6 +22,7 @@ from .encode import encode_dataset
 from .evaluate import evaluate_tokenizer
 from .generation import GenerationPipeline, replace_saved_pipeline
 from .images import image_grid, save_image
+from .metrics import json_ready
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,10 @@ def run_quickstart(args: argparse.Namespace) -> dict:
                   **{k.replace("validation_", "held_out_"): v for k, v in prior.training_metrics.items()}},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics, not_finite = json_ready(metrics)
+    if not_finite:
+        logger.warning("%s not finite (NaN/Inf): written as null in metrics.json", ", ".join(not_finite))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return metrics
 
 

@@ -42,6 +42,16 @@ def reconstruct_files(tokenizer: VQTokenizer, paths: list[str], output_dir: str 
     if overwritten:
         raise ValueError(f"writing the reconstruction would overwrite the input {overwritten[0]!r}; choose another "
                          "--output_dir")
+    was_training = tokenizer.training
+    tokenizer.eval()  # in training mode the quantizer would update its codebook from these images
+    try:
+        return _reconstruct_each(tokenizer, processor, paths, output_dir)
+    finally:
+        tokenizer.train(was_training)
+
+
+def _reconstruct_each(tokenizer: VQTokenizer, processor: VQImageProcessor, paths: list[str],
+                      output_dir: str | Path) -> list[Path]:
     written = []
     for path in map(Path, paths):
         try:

@@ -107,6 +107,10 @@ def test_fid_takes_grayscale_and_refuses_bad_shapes(images):
         fid.update(images[:4], images[:3])
     with pytest.raises(ValueError, match=r"\(B, 1 or 3, H, W\)"):
         fid.update(images[:4, :2], images[:4, :2])
+    with pytest.raises(TypeError, match="float tensor"):  # uint8 would clamp to 1: an rFID near 0 for anything
+        fid.update((images[:4] * 127.5 + 127.5).to(torch.uint8), images[:4])
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\]"):
+        fid.update(images[:4] * 127.5 + 127.5, images[:4])
     with pytest.raises(ValueError, match="at least 2 images"):
         fid.compute()
     with pytest.raises(ValueError, match="exactly one"):

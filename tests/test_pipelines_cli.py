@@ -342,6 +342,35 @@ def test_evaluate_tokenizer_command(workdir, tmp_path, capsys, monkeypatch):
               "--lpips_weights", str(tmp_path / "missing-vgg16.pth")])
 
 
+def test_evaluate_tokenizer_writes_valid_json_for_a_diverged_tokenizer(workdir, tmp_path, capsys):
+    broken = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
+    with torch.no_grad():
+        broken.decoder.conv_out.bias.fill_(float("nan"))  # every reconstruction is NaN
+    broken.save_pretrained(tmp_path / "broken")
+    main(["evaluate-tokenizer", "--tokenizer", str(tmp_path / "broken"), "--dataset", "digits", "--max_batches", "1",
+          "--batch_size", "8", "--output", str(tmp_path / "m.json")])
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    metrics = json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse)
+    assert metrics["psnr"] is None and metrics["ssim"] is None and metrics["num_images"] == 8
+    assert "psnr, ssim not finite (NaN/Inf), written as null" in capsys.readouterr().err
+
+
+def test_reconstruct_files_leaves_a_training_mode_tokenizer_unchanged(workdir, tmp_path):
+    from pipelines.reconstruct import reconstruct_files
+
+    tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer").train()
+    before = {name: tensor.clone() for name, tensor in tokenizer.state_dict().items()}
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(photo)
+    reconstruct_files(tokenizer, [str(photo)], tmp_path / "rec")
+    assert tokenizer.training  # its mode is given back
+    for name, tensor in tokenizer.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 def test_evaluate_tokenizer_defaults_to_training_resolution_and_plain_crops(workdir, tmp_path):
     from pipelines.train_tokenizer import load_data
 
