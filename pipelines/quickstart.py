@@ -181,8 +181,13 @@ def main(argv: list[str] | None = None) -> None:
     metrics = run_quickstart(args)
     out = Path(args.output_dir)
     tok = metrics["tokenizer"]
-    print(f"\ntokenizer: PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.3f}, codebook usage "
-          f"{100 * tok['codebook_usage']:.1f}% of {tok['codebook_size']} codes, perplexity {tok['perplexity']:.0f}")
+
+    def number(value, spec: str) -> str:  # None: not finite, written as null in metrics.json
+        return "n/a" if value is None else format(value, spec)
+
+    print(f"\ntokenizer: PSNR {number(tok['psnr'], '.2f')} dB, SSIM {number(tok['ssim'], '.3f')}, codebook usage "
+          f"{100 * tok['codebook_usage']:.1f}% of {tok['codebook_size']} codes, perplexity "
+          f"{number(tok['perplexity'], '.0f')}")
     bits = metrics["prior"].get("held_out_bits_per_token")
     if bits is not None:
         print(f"prior ({args.prior}): held-out {bits:.3f} bits/token")

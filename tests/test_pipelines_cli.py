@@ -566,6 +566,18 @@ def test_quickstart_fast(tmp_path):
     assert pipe.prior.config.num_classes == 10 and pipe.class_names[3] == "3"
 
 
+def test_quickstart_summary_of_metrics_that_are_not_finite(tmp_path, capsys):
+    """Non-finite metrics are written as null; the printed summary says n/a instead of failing on them."""
+    from pipelines import quickstart
+    from pipelines.metrics import json_ready
+
+    metrics = {"tokenizer": {"psnr": float("nan"), "ssim": float("inf"), "codebook_usage": 0.5, "codebook_size": 32,
+                             "perplexity": 4.0}, "prior": {}}
+    with mock.patch.object(quickstart, "run_quickstart", lambda args: json_ready(metrics)[0]):
+        quickstart.main(["--output_dir", str(tmp_path / "qs")])
+    assert "PSNR n/a dB, SSIM n/a, codebook usage 50.0% of 32 codes" in capsys.readouterr().out
+
+
 def test_streaming_encode_of_image_folder_resumes(workdir, tmp_path):
     from tests.test_train_tokenizer import make_image_folder
 
