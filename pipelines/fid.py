@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from .metrics import check_image_pair
+from .metrics import check_metric_inputs
 
 FID_FEATURES = 2048  # the pool3 features of the standard FID
 FID_FEATURE_NAME = str(FID_FEATURES)
@@ -190,7 +190,7 @@ class ReconstructionFID:
 
         With an `accelerate.Accelerator`, call it on every process for every batch of the prepared dataloader.
         """
-        check_image_pair(reconstructions, originals)
+        check_metric_inputs(reconstructions, originals)
         real, fake = self._features(originals), self._features(reconstructions)
         if accelerator is not None:
             real, fake = accelerator.gather_for_metrics(real), accelerator.gather_for_metrics(fake)

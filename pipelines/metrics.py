@@ -8,25 +8,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-RANGE_TOLERANCE = 0.01  # accepted overshoot of [-1, 1] by the reference images (resampling filters ring slightly)
+from tokenizer.image_checks import check_image_pair
+from tokenizer.modeling import PIXEL_RANGE_TOLERANCE
 
 
-def check_image_pair(reconstruction: torch.Tensor, target: torch.Tensor) -> None:
+def check_metric_inputs(reconstruction: torch.Tensor, target: torch.Tensor) -> None:
     """Refuse inputs the metrics would score silently wrong: non-float images (uint8 would clamp to a perfect
     score), shapes that differ (they would broadcast) or a reference outside [-1, 1] (images in [0, 255]).
 
     The reconstruction may leave the range (it is clamped, as for display) or be NaN (the metric is then NaN)."""
-    for name, images in (("reconstruction", reconstruction), ("target", target)):
-        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-            kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-            raise TypeError(f"{name} must be a float tensor of images in [-1, 1], got {kind}")
-        if images.dim() != 4:
-            raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(images.shape)}")
-    if reconstruction.shape != target.shape:
-        raise ValueError(f"reconstruction {tuple(reconstruction.shape)} and target {tuple(target.shape)} differ in "
-                         "shape")
+    check_image_pair(reconstruction, target, names=("reconstruction", "target"))
     peak = float(target.detach().abs().amax()) if target.numel() else 0.0
-    if not peak <= 1.0 + RANGE_TOLERANCE:  # NaN fails too
+    if not peak <= 1.0 + PIXEL_RANGE_TOLERANCE:  # NaN fails too
         raise ValueError(f"target images must lie in [-1, 1], but |max| is {peak:.4g}; map [0, 255] or [0, 1] images "
                          "to [-1, 1] first")
 
@@ -47,7 +40,7 @@ def json_ready(metrics: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (peak 1 after mapping to [0, 1]). Returns (B,)."""
-    check_image_pair(reconstruction, target)
+    check_metric_inputs(reconstruction, target)
     a = (reconstruction.float().clamp(-1, 1) + 1) / 2
     b = (target.float().clamp(-1, 1) + 1) / 2
     mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
@@ -66,7 +59,7 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor, window_size: int = 
 
     The window shrinks for images smaller than it (e.g. 8x8 patches), so the metric stays defined.
     """
-    check_image_pair(reconstruction, target)
+    check_metric_inputs(reconstruction, target)
     x = (reconstruction.float().clamp(-1, 1) + 1) / 2
     y = (target.float().clamp(-1, 1) + 1) / 2
     channels = x.shape[1]

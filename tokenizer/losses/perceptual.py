@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from ._checks import check_image_pair
+from ..image_checks import check_image_pair
 
 # The ImageNet weights each lpips trunk is built from (lpips.pretrained_networks calls these models).
 _TRUNK_WEIGHTS = {

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._checks import check_image_pair, check_non_negative
+from ..image_checks import check_image_pair
+from ._checks import check_non_negative
 
 
 @dataclass

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..config_fields import check_field_types, dataclass_from_dict
-from ._checks import check_image_pair, check_non_negative
+from ..image_checks import check_image_pair
+from ._checks import check_non_negative
 from .adversarial import DISCRIMINATOR_LOSSES, GENERATOR_LOSSES, LeCamRegularizer, adaptive_adversarial_weight
 from .discriminator import NORMS, NLayerDiscriminator
 from .perceptual import LPIPSLoss
