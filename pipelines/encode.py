@@ -18,6 +18,8 @@ import logging
 import math
 import shutil
 import warnings
+from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from tokenizer import VQImageProcessor, VQTokenizer
 from tokenizer.weights import write_file_atomically
 
 from .data._checks import check_positive_int
+from .data.sources import DEFAULT_RESOLUTION
 from .training import cpu_only_multiprocess
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,13 @@ def tokenizer_digest(tokenizer: VQTokenizer) -> str:
         hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return hasher.hexdigest()
+
+
+def _processing_params(processor: VQImageProcessor) -> dict[str, Any]:
+    """The resampling filter decides the encoded pixels too. Recorded only when it is not the default, so that
+    shards and splits written before it was recorded (all with the default) still match."""
+    default = VQImageProcessor.__dataclass_fields__["resample"].default
+    return {} if processor.resample == default else {"resample": processor.resample}
 
 
 def _shard_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +151,7 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
     state = state or PartialState(cpu=cpu_only_multiprocess())
     if "image" not in dataset.column_names:
         raise ValueError(f"the dataset has no 'image' column; its columns are {dataset.column_names}")
-    processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution)
+    processor = tokenizer.image_processor_for(resolution)
     grid = tokenizer.token_grid_shape(resolution, resolution)
     keep = [c for c in ("image", "label") if c in dataset.column_names]
     dataset = dataset.select_columns(keep)
@@ -151,7 +161,7 @@ def encode_split(tokenizer: VQTokenizer, dataset: datasets.Dataset, output_dir: 
     num_shards = max(1, math.ceil(len(dataset) / shard_size))
     shard_root = output_dir.with_name(output_dir.name + ".shards")
     params = {**(source or {}), "num_rows": len(dataset), "columns": keep, "shard_size": shard_size,
-              "resolution": resolution, "tokenizer_sha256": tokenizer_digest(tokenizer)}
+              "resolution": resolution, **_processing_params(processor), "tokenizer_sha256": tokenizer_digest(tokenizer)}
     # A finished split is reused only for the same data: `datasets` fingerprints depend on the source files and
     # every operation applied since (an in-memory dataset gets a random one, so it is always encoded again).
     record = {**params, "fingerprint": dataset._fingerprint}
@@ -199,12 +209,12 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
     label_feature = _stream_label_feature(stream, label_column)
     output_dir = Path(output_dir)
     shard_root = output_dir.with_name(output_dir.name + ".shards")
+    processor = tokenizer.image_processor_for(resolution)
     params = {**(source or {}), "max_samples": max_samples, "image_column": image_column,
               "label_column": label_column, "shard_size": shard_size, "resolution": resolution,
-              "tokenizer_sha256": tokenizer_digest(tokenizer)}
+              **_processing_params(processor), "tokenizer_sha256": tokenizer_digest(tokenizer)}
     shard_root.mkdir(parents=True, exist_ok=True)  # a stream has no fingerprint: a finished split is encoded again
     _check_shards(shard_root, params)
-    processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution)
     grid = tokenizer.token_grid_shape(resolution, resolution)
     done = len(list(shard_root.glob(SHARD_GLOB)))
     tokenizer = tokenizer.eval()
@@ -401,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--streaming", action="store_true",
                         help="read --dataset_name / --train_data_dir as a stream: bounded memory for any dataset size")
     add_data_args(parser)
+    parser.set_defaults(resolution=None)  # default: the resolution the tokenizer was trained at (see main)
     return parser
 
 
@@ -410,6 +421,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     tokenizer = VQTokenizer.from_pretrained(args.tokenizer)
+    if args.resolution is None:
+        args.resolution = tokenizer.trained_resolution
+        if args.resolution is None:
+            args.resolution = DEFAULT_RESOLUTION
+            logger.warning("the tokenizer records no training resolution: encoding at %dpx (set --resolution)",
+                           DEFAULT_RESOLUTION)
     if args.streaming:
         _encode_streaming(args, tokenizer)
         return
@@ -478,13 +495,18 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
         raise ValueError(f"--label_column {args.label_column!r} is not a column of the stream; its columns are "
                          f"{sorted(splits['train'].features)}")
     label_feature = _stream_label_feature(splits["train"], args.label_column or "label")
+    source = _source_params(args)
+    if Fraction(args.validation_split).limit_denominator(1_000_000).numerator != 1:
+        # Earlier versions held out every round(1 / validation_split)-th example, which differs from the exact
+        # fraction unless it is 1 / n: shards they wrote must not be resumed with the new split.
+        source["holdout"] = "exact-fraction"
     encoded = {}
     for name, stream in splits.items():
         encoded[name] = encode_stream(
             tokenizer, stream, output_dir / name, resolution=args.resolution, batch_size=args.batch_size,
             shard_size=args.shard_size, image_column=image_column,
             label_column=args.label_column or "label", strict_data=args.strict_data,
-            max_samples=args.max_train_samples if name == "train" else None, source=_source_params(args),
+            max_samples=args.max_train_samples if name == "train" else None, source=source,
         )
     labelled = all("label" in split.column_names for split in encoded.values())
     metadata = {"grid_shape": list(tokenizer.token_grid_shape(args.resolution, args.resolution)),
@@ -504,9 +526,10 @@ def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float,
     """"train" and "validation" streams: the source's own validation (or test) split when it has one, unless its
     first example has no label in `label_column` (a test split published without labels).
 
-    Otherwise every round(1 / validation_split)-th example of the training stream (positions 0, n, 2n, ...)
-    is held out. Membership depends only on an example's position, so a resumed run splits the same way
-    without reading the stream ahead.
+    Otherwise the training stream's examples at positions i where ceil((i + 1) * validation_split) exceeds
+    ceil(i * validation_split) are held out: exactly that fraction of every long run of examples, spread evenly
+    (positions 0, n, 2n, ... for validation_split = 1 / n). Membership depends only on an example's position, so
+    a resumed run splits the same way without reading the stream ahead.
     """
     from .data.sources import MISSING_LABELS, _pick_splits
 
@@ -522,13 +545,19 @@ def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float,
             unlabelled = first_train is not None and first_train.get(label_column) not in MISSING_LABELS
         if unlabelled:
             warnings.warn(f"the source's held-out split has no labels ({label_column!r}: {label}): it is not used; "
-                          f"every {max(2, round(1.0 / validation_split))}-th training example is held out instead",
-                          stacklevel=2)
+                          f"a fraction {validation_split} of the training examples is held out instead", stacklevel=2)
             validation = None
     if validation is not None:
         return {"train": train, "validation": validation}
-    period = max(2, round(1.0 / validation_split))
+    held_out = partial(_held_out, fraction=Fraction(validation_split).limit_denominator(1_000_000))
     return {
-        "train": train.filter(lambda _, index: index % period != 0, with_indices=True),
-        "validation": train.filter(lambda _, index: index % period == 0, with_indices=True),
+        "train": train.filter(lambda _, index: not held_out(index), with_indices=True),
+        "validation": train.filter(lambda _, index: held_out(index), with_indices=True),
     }
+
+
+def _held_out(index: int, fraction: Fraction) -> bool:
+    """Whether the stream's example at `index` is held out (see `streaming_splits`); exact rational arithmetic,
+    so that the pattern never drifts however long the stream."""
+    p, q = fraction.numerator, fraction.denominator
+    return -(-(index + 1) * p // q) > -(-index * p // q)

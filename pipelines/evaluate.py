@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .data import collate_images
     from .data._checks import check_positive_int
-    from .data.sources import DEFAULT_VALIDATION_SPLIT
+    from .data.sources import DEFAULT_RESOLUTION, DEFAULT_VALIDATION_SPLIT
     from .fid import ReconstructionFID, fid_weights_cache_path, resolve_fid_weights
     from .train_tokenizer import load_data
     from .training import cpu_only_multiprocess
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         fid.feature.to(device)
     info = tokenizer.training_info
     if args.resolution is None:
-        args.resolution = info.get("resolution") or tokenizer.image_processor.resolution or 32
+        args.resolution = tokenizer.trained_resolution or DEFAULT_RESOLUTION
     # The training run's split only applies to the data it was trained on.
     same_data = _same_data(info.get("dataset"), args)
     if not same_data and (args.seed is None or args.validation_split is None):

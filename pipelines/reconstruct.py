@@ -28,10 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def reconstruct_files(tokenizer: VQTokenizer, paths: list[str], output_dir: str | Path,
                       resolution: int | None = None) -> list[Path]:
     """Reconstruct each image file; writes `<name>.png` and `<name>.indices.npy`, returns the PNG paths."""
-    processor = VQImageProcessor(channels=tokenizer.config.in_channels, resolution=resolution,
-                                 crop_to_multiple=None if resolution else tokenizer.downsample_factor)
-    if resolution is not None:
-        tokenizer.token_grid_shape(resolution, resolution)  # fails early if not a multiple of the factor
+    processor = tokenizer.image_processor_for(resolution)  # its saved resampling filter; fails early on a bad size
     targets = [Path(output_dir) / f"{Path(path).stem}.png" for path in paths]
     clashes = sorted({str(t.name) for t in targets if targets.count(t) > 1})
     if clashes:

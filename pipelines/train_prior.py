@@ -78,6 +78,10 @@ def build_prior(args: argparse.Namespace, metadata: dict) -> Prior:
         "num_classes": 0 if args.unconditional else metadata["num_classes"],
     }
     if args.label_dropout is not None:
+        if data_fields["num_classes"] == 0 and args.label_dropout > 0:
+            why = "--unconditional ignores the labels" if args.unconditional else f"{args.tokens_dir} has no labels"
+            raise ValueError(f"--label_dropout {args.label_dropout} applies to class-conditional priors, but {why}; "
+                             "drop --label_dropout")
         data_fields["label_dropout"] = args.label_dropout
     if args.pkeep is not None:
         if args.prior != "transformer":

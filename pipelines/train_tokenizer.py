@@ -18,7 +18,7 @@ from tokenizer import VQTokenizer, VQTokenizerConfig
 from tokenizer.losses import NLayerDiscriminator, VQGANLoss, VQGANLossConfig
 
 from .data import collate_images, infer_channels, load_image_dataset, set_image_transforms
-from .data.sources import DEFAULT_VALIDATION_SPLIT
+from .data.sources import DEFAULT_RESOLUTION, DEFAULT_VALIDATION_SPLIT
 from .evaluate import evaluate_tokenizer
 from .images import image_grid, save_image
 from .training import (
@@ -54,7 +54,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image_column", type=str, default=None)
     group.add_argument("--label_column", type=str, default=None)
     group.add_argument("--cache_dir", type=str, default=None)
-    group.add_argument("--resolution", type=int, default=32, help="training crop size in pixels")
+    group.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="training crop size in pixels")
     group.add_argument("--validation_split", type=float, default=DEFAULT_VALIDATION_SPLIT)
     group.add_argument("--max_train_samples", type=int, default=None)
     group.add_argument("--no_random_flip", action="store_true")

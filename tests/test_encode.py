@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines import encode
 from pipelines.encode import encode_split, load_token_dataset
-from tokenizer import VQTokenizer, VQTokenizerConfig
+from tokenizer import VQImageProcessor, VQTokenizer, VQTokenizerConfig
 
 
 def tiny_tokenizer(seed: int = 0) -> VQTokenizer:
@@ -168,7 +168,7 @@ def test_streaming_replaces_an_unlabelled_source_test_split_before_encoding():
         "train": datasets.Dataset.from_dict({"image": images(8), "label": [0, 1] * 4}).to_iterable_dataset(),
         "test": datasets.Dataset.from_dict({"image": images(2), "label": [-1, -1]}).to_iterable_dataset(),
     })
-    with pytest.warns(UserWarning, match="held-out split has no labels.*every 4-th training example"):
+    with pytest.warns(UserWarning, match="held-out split has no labels.*a fraction 0.25 of the training examples"):
         splits = encode.streaming_splits(raw, 0.25, "label")
     assert [row["label"] for row in splits["validation"]] == [0, 0]  # positions 0 and 4 of the training stream
     assert len(list(splits["train"])) == 6
@@ -181,6 +181,22 @@ def test_streaming_replaces_an_unlabelled_source_test_split_before_encoding():
     # ... but a source with no labels anywhere keeps its own test split.
     raw["train"] = datasets.Dataset.from_dict({"image": images(8)}).to_iterable_dataset()
     assert len(list(encode.streaming_splits(raw, 0.25, "label")["validation"])) == 2
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.25, 0.3, 0.6, 0.75, 0.9])
+def test_streaming_holds_out_the_requested_fraction(fraction):
+    """Every round(1 / fraction)-th example was held out: 0.6, 0.75 and 0.9 all held out 50%, 0.3 held out 33%."""
+    raw = datasets.IterableDatasetDict({
+        "train": datasets.Dataset.from_dict({"index": list(range(200))}).to_iterable_dataset()})
+    splits = encode.streaming_splits(raw, fraction)
+    validation = [row["index"] for row in splits["validation"]]
+    train = [row["index"] for row in splits["train"]]
+    assert sorted(validation + train) == list(range(200))
+    assert len(validation) == round(200 * fraction)
+    for start in range(0, 200, 20):  # spread evenly, not bunched at one end
+        assert abs(sum(start <= i < start + 20 for i in validation) - 20 * fraction) <= 1
+    if fraction in (0.05, 0.25):  # 1 / n: positions 0, n, 2n, ... as before
+        assert validation == list(range(0, 200, round(1 / fraction)))
 
 
 def test_a_half_finished_re_encode_is_not_loadable(tmp_path):
@@ -241,3 +257,41 @@ def test_other_data_of_the_same_size_is_encoded_again(tmp_path):
     again = encode_split(tiny_tokenizer(), second, tmp_path / "tokens" / "train", resolution=32, shard_size=4)
     fresh = encode_split(tiny_tokenizer(), second, tmp_path / "fresh" / "train", resolution=32, shard_size=4)
     assert again.with_format(None)["indices"] == fresh.with_format(None)["indices"]
+
+
+def test_encode_defaults_to_the_tokenizer_training_resolution(tmp_path, caplog):
+    """--resolution defaulted to 32 whatever the tokenizer was trained at, so a 16px tokenizer's grids came out 8x8."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.training_info = {"resolution": 16}
+    tokenizer.save_pretrained(tmp_path / "trained16")
+    folder = image_folder(tmp_path / "images", 8)
+    flags = ["--train_data_dir", str(folder), "--validation_split", "0.25", "--batch_size", "4"]
+    encode.main(["--tokenizer", str(tmp_path / "trained16"), "--output_dir", str(tmp_path / "tokens16"), *flags])
+    _, metadata = load_token_dataset(tmp_path / "tokens16")
+    assert metadata["resolution"] == 16 and metadata["grid_shape"] == [4, 4]
+    encode.main(["--tokenizer", str(tmp_path / "trained16"), "--output_dir", str(tmp_path / "tokens32"), *flags,
+                 "--resolution", "32"])  # an explicit flag wins
+    assert load_token_dataset(tmp_path / "tokens32")[1]["grid_shape"] == [8, 8]
+    tiny_tokenizer().save_pretrained(tmp_path / "unknown")  # no training_info: the old default, with a warning
+    encode.main(["--tokenizer", str(tmp_path / "unknown"), "--output_dir", str(tmp_path / "tokens"), *flags])
+    assert load_token_dataset(tmp_path / "tokens")[1]["resolution"] == 32
+    assert "records no training resolution: encoding at 32px" in caplog.text
+
+
+def test_encode_uses_the_tokenizer_resampling_filter(tmp_path):
+    """The saved image processor's filter was ignored: encode and reconstruct always resized with bicubic."""
+    nearest = VQTokenizer(VQTokenizerConfig.from_preset("tiny"),
+                          VQImageProcessor(channels=3, crop_to_multiple=4, resample="nearest"))
+    nearest.load_state_dict(tiny_tokenizer().state_dict())
+    processor = nearest.image_processor_for(16)
+    assert (processor.resolution, processor.crop_to_multiple, processor.resample) == (16, None, "nearest")
+    assert nearest.image_processor_for(None).crop_to_multiple == 4
+    with pytest.raises(ValueError, match="multiple"):
+        nearest.image_processor_for(18)
+    dataset = datasets.Dataset.from_dict({"image": images(4, size=40)})  # resized to 16: the filter matters
+    bicubic = encode_split(tiny_tokenizer(), dataset, tmp_path / "bicubic", resolution=16)
+    resampled = encode_split(nearest, dataset, tmp_path / "nearest", resolution=16)
+    expected = nearest.encode(processor.preprocess(images(4, size=40))).indices
+    assert torch.equal(torch.as_tensor(np.array(resampled["indices"])), expected.to(torch.int32))
+    assert not np.array_equal(np.array(bicubic["indices"]), np.array(resampled["indices"]))
+    assert json.loads((tmp_path / "nearest" / encode.PARAMS_NAME).read_text())["resample"] == "nearest"

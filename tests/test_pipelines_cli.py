@@ -112,7 +112,8 @@ def test_train_prior_unconditional_with_tokenizer_and_early_sample_flag_checks(w
     assert pipe.class_names is None and pipe.prior.config.num_classes == 0
     for flags, message in ((["--guidance_scale", "2"], "needs a class-conditional prior"),
                            (["--top_k", "0"], "top_k must be >= 1"),
-                           (["--num_validation_samples", "0"], "--num_validation_samples must be >= 1")):
+                           (["--num_validation_samples", "0"], "--num_validation_samples must be >= 1"),
+                           (["--label_dropout", "0.2"], "--unconditional ignores the labels; drop --label_dropout")):
         with pytest.raises(ValueError, match=message):
             main([*common, *flags, "--output_dir", str(tmp_path / "bad")])
         assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("checkpoint-*"))

@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,23 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
     @property
     def codebook_size(self) -> int:
         return self.quantizer.codebook_size
+
+    @property
+    def trained_resolution(self) -> int | None:
+        """The image size it was trained at (exported tokenizers record it in training_info), else its image
+        processor's fixed resolution; None when neither is known."""
+        for value in (self.training_info.get("resolution"), self.image_processor.resolution):
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    def image_processor_for(self, resolution: int | None) -> VQImageProcessor:
+        """This tokenizer's image processor (channels, resampling filter) set to resize + center-crop to
+        `resolution`, or, with None, to center-crop each image to a multiple of the downsampling factor."""
+        if resolution is not None:
+            self.token_grid_shape(resolution, resolution)  # fails early if not a multiple of the factor
+        return replace(self.image_processor, resolution=resolution,
+                       crop_to_multiple=None if resolution is not None else self.downsample_factor)
 
     def token_grid_shape(self, height: int, width: int) -> tuple[int, int]:
         """Shape (h, w) of the index grid of an image of size (height, width)."""

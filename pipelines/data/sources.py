@@ -18,6 +18,7 @@ from ._checks import check_int, check_positive_int
 from .embedded import EMBEDDED_DATASETS, load_embedded_dataset
 
 DEFAULT_VALIDATION_SPLIT = 0.05  # fraction held out when a source has no validation split
+DEFAULT_RESOLUTION = 32  # image size in pixels when none is given (and none is recorded with the tokenizer)
 
 LABEL_COLUMN_CANDIDATES = ("label", "labels")
 VALIDATION_SPLIT_CANDIDATES = ("validation", "valid", "val", "test")
@@ -36,7 +37,7 @@ def load_image_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     validation_split: float = DEFAULT_VALIDATION_SPLIT,
-    resolution: int = 32,
+    resolution: int = DEFAULT_RESOLUTION,
     seed: int = 0,
     cache_dir: str | None = None,
     strict_data: bool = False,
