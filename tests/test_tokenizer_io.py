@@ -242,3 +242,23 @@ def test_load_from_hub_id_uses_hub_download(saved, tmp_path):
 def test_hub_unreachable_error_says_what_to_do():
     with pytest.raises(OSError, match="could not download config.json from the Hub repo 'nobody/nothing'"):
         VQTokenizer.from_pretrained("nobody/nothing")
+
+
+def test_torch_dtype_auto_keeps_the_saved_precision_and_unknown_keywords_are_refused(tmp_path):
+    """ModelHubMixin handed every extra keyword to the loader, which dropped it: torch_dtype=torch.bfloat16 (or a
+    misspelt map_location) loaded float32 on the CPU without a word."""
+    tok = VQTokenizer.from_preset("tiny").to(torch.bfloat16).eval()  # .to casts in place
+    tok.save_pretrained(tmp_path / "bf16")
+    assert VQTokenizer.from_pretrained(tmp_path / "bf16").encoder.conv_in.weight.dtype == torch.float32
+    auto = VQTokenizer.from_pretrained(tmp_path / "bf16", torch_dtype="auto")
+    assert auto.encoder.conv_in.weight.dtype == torch.bfloat16
+    for name, tensor in tok.state_dict().items():
+        assert torch.equal(auto.state_dict()[name], tensor), name
+    pixels = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert auto.encode(pixels).indices.equal(tok.encode(pixels).indices)
+    cast = VQTokenizer.from_pretrained(tmp_path / "bf16", torch_dtype=torch.float16)
+    assert cast.decoder.conv_out.weight.dtype == torch.float16
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['map_loaction'\]"):
+        VQTokenizer.from_pretrained(tmp_path / "bf16", map_loaction="cpu")
+    with pytest.raises(ValueError, match="torch_dtype must be"):
+        VQTokenizer.from_pretrained(tmp_path / "bf16", torch_dtype=torch.int8)

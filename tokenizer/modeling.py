@@ -267,7 +267,19 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
                          force_download: bool = False, local_files_only: bool = False, token: str | bool | None = None,
-                         map_location: str = "cpu", **unused: Any) -> VQTokenizer:
+                         map_location: str = "cpu", torch_dtype: torch.dtype | str | None = None,
+                         **passed_on: Any) -> VQTokenizer:
+        """`torch_dtype`: None keeps float32 whatever the file holds, "auto" the floating dtype the weights were
+        saved in, or a floating torch dtype to cast to (as `.to(dtype)`)."""
+        # ModelHubMixin passes the decoded config (and, in older huggingface_hub versions, the download options
+        # below) on; anything else is a keyword this loader does not know and would otherwise drop silently.
+        unknown = sorted(set(passed_on) - {"config", "proxies", "resume_download"})
+        if unknown:
+            raise TypeError(f"VQTokenizer.from_pretrained got unexpected keyword argument(s) {unknown}; it takes "
+                            "the Hub download options, map_location and torch_dtype")
+        if not (torch_dtype is None or torch_dtype == "auto"
+                or (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point)):
+            raise ValueError(f"torch_dtype must be None, 'auto' or a floating torch dtype, got {torch_dtype!r}")
         hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                    local_files_only=local_files_only, token=token)
         # The config is re-read and validated strictly here (unknown keys, types, version) rather than trusting
@@ -276,14 +288,18 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
         processor_file = resolve_file(model_id, PROCESSOR_CONFIG_NAME, required=False, **hub)
         processor = VQImageProcessor.from_json_file(processor_file) if processor_file else None
         model = cls(config, image_processor=processor)
-        load_state_dict_strict(model, resolve_file(model_id, WEIGHTS_NAME, **hub))
+        saved_dtype = load_state_dict_strict(model, resolve_file(model_id, WEIGHTS_NAME, **hub))
         info_file = resolve_file(model_id, TRAINING_INFO_NAME, required=False, **hub)
         if info_file:
             info = read_json_file(info_file)
             if not isinstance(info, dict):
                 raise ValueError(f"{info_file} must hold a JSON object, got {type(info).__name__}")
             model.training_info = info
-        return model.to(map_location).eval()
+        model = model.to(map_location)
+        dtype = saved_dtype if torch_dtype == "auto" else torch_dtype
+        if dtype is not None and dtype != torch.float32:
+            model = model.to(dtype)
+        return model.eval()
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         return tokenizer_model_card(self)

@@ -67,8 +67,9 @@ def write_file_atomically(path: str | Path, data: bytes | str) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a safetensors file into `model`, refusing missing, unexpected or mis-shaped tensors."""
+def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> torch.dtype | None:
+    """Load a safetensors file into `model`, refusing missing, unexpected or mis-shaped tensors; returns the
+    floating dtype that most of the file's weights are stored in (None if it holds no floating tensor)."""
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as error:
@@ -96,6 +97,11 @@ def load_state_dict_strict(model: torch.nn.Module, path: str | Path) -> None:
         raise WeightsError(f"weights file {path} does not match the model built from its config: "
                            + "; ".join(problems))
     model.load_state_dict(state, strict=True)
+    elements: dict[torch.dtype, int] = {}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            elements[tensor.dtype] = elements.get(tensor.dtype, 0) + tensor.numel()
+    return max(elements, key=elements.__getitem__, default=None)
 
 
 def _preview(items: list[str], limit: int = 5) -> str:
