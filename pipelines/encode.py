@@ -279,31 +279,33 @@ def _label_id(value: Any, column: str) -> int:
 
 def _readable_only(stream: datasets.IterableDataset, image_column: str, *,
                    strict: bool) -> tuple[datasets.IterableDataset, list]:
-    """The stream without its unreadable images (undecoded: see `_decode_image`) and the list it fills with them.
+    """The stream with its readable images decoded (once) and its unreadable ones dropped, and the list it fills
+    with the dropped ones' names.
 
     Left as it is when the column is not an `Image` feature: its own loader decodes it, and a broken example
     raises while the stream is read.
     """
-    from .data.sources import _is_readable
+    from .data.sources import decode_if_readable
 
     skipped: list = []
     if not _is_image_column(stream, image_column):
         return stream, skipped
 
-    def readable(example: dict) -> bool:
+    def decode(example: dict) -> dict:
         value = example[image_column]
-        if _is_readable(value):
-            return True
-        name = "(missing image)" if value is None else value.get("path") or "(bytes without a path)"
-        if strict:
-            raise ValueError(f"unreadable image {name!r} in the stream; fix or remove it, or drop --strict_data "
-                             "to skip unreadable images with a warning")
-        skipped.append(name)
-        return False
+        image = decode_if_readable(value)
+        if image is None:
+            name = "(missing image)" if value is None else value.get("path") or "(bytes without a path)"
+            if strict:
+                raise ValueError(f"unreadable image {name!r} in the stream; fix or remove it, or drop --strict_data "
+                                 "to skip unreadable images with a warning")
+            skipped.append(name)
+        return {image_column: image}
 
-    # The check decodes each image once more; a cast back to decode=True after `filter` is ignored by
-    # `datasets`, so `encode_stream` decodes the undecoded values itself.
-    return _undecoded(stream, image_column).filter(readable), skipped
+    # Decoded here, where the check has to read every pixel anyway, rather than checked here and decoded again
+    # in `encode_stream`. The mapped stream has no declared features, so the PIL images pass through as they are.
+    return (_undecoded(stream, image_column).map(decode)
+            .filter(lambda example: example[image_column] is not None)), skipped
 
 
 def _is_image_column(stream: datasets.IterableDataset, column: str) -> bool:

@@ -131,6 +131,16 @@ def test_streaming_skips_unreadable_images_unless_strict(tokenizer_dir, tmp_path
     assert "skipped 1 unreadable image" in caplog.text
 
 
+def test_streaming_decodes_each_image_once(tokenizer_dir, tmp_path):
+    """The readability check decoded every image and the encoder then decoded it again."""
+    folder = image_folder(tmp_path / "images", 8)
+    with mock.patch.object(datasets.Image, "decode_example", autospec=True,
+                           side_effect=datasets.Image.decode_example) as decode:
+        encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens"))
+    assert sum(load_token_dataset(tmp_path / "tokens")[1]["splits"].values()) == 8
+    assert decode.call_count == 8
+
+
 def test_streaming_rejects_seed_and_passes_cache_dir(tokenizer_dir, tmp_path):
     folder = image_folder(tmp_path / "images", 4)
     with pytest.raises(ValueError, match="--seed has no effect with --streaming"):

@@ -338,12 +338,16 @@ def _readable_flags(batch: dict) -> dict:
 
 
 def _is_readable(value: dict | None) -> bool:
+    return decode_if_readable(value) is not None
+
+
+def decode_if_readable(value: dict | None):
+    """An undecoded `Image` value ({"bytes", "path"}) as a PIL image, or None when it is missing or unreadable."""
     if value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None):
-        return False  # a missing image: decode_example returns None for it instead of raising
+        return None  # a missing image: decode_example returns None for it instead of raising
     try:
         # `decode_example` opens paths, bytes and remote/archived files alike, then calls `Image.load()`, which
         # reads every pixel: unlike `Image.verify()`, it also catches files truncated after a valid header.
-        datasets.Image().decode_example(value)
+        return datasets.Image().decode_example(value)
     except Exception:  # PIL raises OSError, SyntaxError, ValueError, struct/zlib errors... all mean unreadable
-        return False
-    return True
+        return None
