@@ -32,7 +32,7 @@ from tokenizer import VQImageProcessor, VQTokenizer
 from tokenizer.weights import write_file_atomically
 
 from .data._checks import check_positive_int
-from .data.sources import DEFAULT_RESOLUTION
+from .data.sources import DEFAULT_RESOLUTION, DEFAULT_VALIDATION_SPLIT
 from .training import cpu_only_multiprocess
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
         flush(index)
         index += 1
     if skipped:
-        logger.warning("skipped %d unreadable image(s) of the stream; first: %r. Pass --strict_data to raise "
+        logger.warning("skipped %d unreadable image(s) of the stream; first: %s. Pass --strict_data to raise "
                        "instead.", len(skipped), skipped[0])
     if index == 0:
         raise ValueError("the stream yielded no examples")
@@ -270,6 +270,11 @@ def _stream_label_feature(stream: datasets.IterableDataset, label_column: str | 
 
 
 def _label_id(value: Any, column: str) -> int:
+    from .data.sources import MISSING_LABELS
+
+    if _is_missing_label(value, MISSING_LABELS):
+        raise ValueError(f"an example of the labelled stream has no label ({column!r}: {value!r}); label or remove "
+                         "it (unlabelled examples are refused in labelled data, as without --streaming)")
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"--streaming needs non-negative integer class ids (or a ClassLabel column) in {column!r}, "
                          f"got {value!r}: a stream's label vocabulary is unknown until it is read to the end; "
@@ -285,7 +290,7 @@ def _readable_only(stream: datasets.IterableDataset, image_column: str, *,
     Left as it is when the column is not an `Image` feature: its own loader decodes it, and a broken example
     raises while the stream is read.
     """
-    from .data.sources import decode_if_readable
+    from .data.sources import decode_checked
 
     skipped: list = []
     if not _is_image_column(stream, image_column):
@@ -293,13 +298,13 @@ def _readable_only(stream: datasets.IterableDataset, image_column: str, *,
 
     def decode(example: dict) -> dict:
         value = example[image_column]
-        image = decode_if_readable(value)
+        image, reason = decode_checked(value)
         if image is None:
             name = "(missing image)" if value is None else value.get("path") or "(bytes without a path)"
             if strict:
-                raise ValueError(f"unreadable image {name!r} in the stream; fix or remove it, or drop --strict_data "
-                                 "to skip unreadable images with a warning")
-            skipped.append(name)
+                raise ValueError(f"unreadable image {name!r} in the stream ({reason}); fix or remove it, or drop "
+                                 "--strict_data to skip unreadable images with a warning")
+            skipped.append(f"{name!r} ({reason})")
         return {image_column: image}
 
     # Decoded here, where the check has to read every pixel anyway, rather than checked here and decoded again
@@ -408,12 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--shard_size", type=int, default=10_000, help="images per resumable shard")
     parser.add_argument("--seed", type=int, default=None,
-                        help="seeds the validation split and the --max_train_samples subset (default 0); "
-                             "a stream is read in order, so --streaming rejects it")
+                        help="seeds the validation split and the --max_train_samples subset (default: the tokenizer's "
+                             "training seed on its training data, else 0); a stream is read in order, so --streaming "
+                             "rejects it")
     parser.add_argument("--streaming", action="store_true",
                         help="read --dataset_name / --train_data_dir as a stream: bounded memory for any dataset size")
     add_data_args(parser)
-    parser.set_defaults(resolution=None)  # default: the resolution the tokenizer was trained at (see main)
+    # Defaults from the tokenizer's training_info (see main): the resolution it was trained at and, on its
+    # training data, the training run's --seed and --validation_split.
+    parser.set_defaults(resolution=None, validation_split=None)
     return parser
 
 
@@ -430,8 +438,13 @@ def main(argv: list[str] | None = None) -> None:
             logger.warning("the tokenizer records no training resolution: encoding at %dpx (set --resolution)",
                            DEFAULT_RESOLUTION)
     if args.streaming:
+        if args.validation_split is None:  # a stream's split is by position: no training run's split to follow
+            args.validation_split = DEFAULT_VALIDATION_SPLIT
         _encode_streaming(args, tokenizer)
         return
+    from .evaluate import apply_training_split_defaults
+
+    apply_training_split_defaults(args, tokenizer)  # the images the tokenizer held out stay held out
     state = PartialState(cpu=cpu_only_multiprocess())
     with state.main_process_first():
         images = load_image_dataset(
@@ -488,15 +501,13 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     _remove_metadata(output_dir, state)
     tokenizer = tokenizer.to(state.device)
+    image_column, label_column = _stream_columns(raw, args.image_column, args.label_column)
     # Undecoded from the start: the positional filters of `streaming_splits` would otherwise decode every image,
     # held-out ones included, and fail on an unreadable one before `encode_stream` can skip it.
-    image_column = args.image_column or "image"
     raw = datasets.IterableDatasetDict({name: _undecoded(split, image_column) for name, split in raw.items()})
-    splits = streaming_splits(raw, args.validation_split, args.label_column or "label")
-    if args.label_column and splits["train"].features is not None and args.label_column not in splits["train"].features:
-        raise ValueError(f"--label_column {args.label_column!r} is not a column of the stream; its columns are "
-                         f"{sorted(splits['train'].features)}")
-    label_feature = _stream_label_feature(splits["train"], args.label_column or "label")
+    label_column = _unless_unlabelled(raw, label_column)
+    splits = streaming_splits(raw, args.validation_split, label_column)
+    label_feature = _stream_label_feature(splits["train"], label_column)
     source = _source_params(args)
     if Fraction(args.validation_split).limit_denominator(1_000_000).numerator != 1:
         # Earlier versions held out every round(1 / validation_split)-th example, which differs from the exact
@@ -507,7 +518,7 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
         encoded[name] = encode_stream(
             tokenizer, stream, output_dir / name, resolution=args.resolution, batch_size=args.batch_size,
             shard_size=args.shard_size, image_column=image_column,
-            label_column=args.label_column or "label", strict_data=args.strict_data,
+            label_column=label_column, strict_data=args.strict_data,
             max_samples=args.max_train_samples if name == "train" else None, source=source,
         )
     labelled = all("label" in split.column_names for split in encoded.values())
@@ -521,6 +532,41 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
     write_file_atomically(output_dir / METADATA_NAME, json.dumps(metadata, indent=2) + "\n")
     print(json.dumps(metadata, indent=2))
     state.destroy_process_group()
+
+
+def _stream_columns(raw: datasets.IterableDatasetDict, image_column: str | None,
+                    label_column: str | None) -> tuple[str, str | None]:
+    """The image and label columns of a stream, found from its declared features as for a dataset loaded whole
+    (`_find_columns`: the Image column, "label" or "labels"); a stream that declares none falls back to "image" and
+    "label", checked when it is read."""
+    from .data.sources import _find_columns, _pick_splits
+
+    train, _ = _pick_splits(raw)
+    if train.features is None:
+        return image_column or "image", label_column or "label"
+    return _find_columns(train, image_column, label_column)
+
+
+def _unless_unlabelled(raw: datasets.IterableDatasetDict, label_column: str | None) -> str | None:
+    """`label_column`, or None when the training stream's first example has no label: the stream is then
+    encoded unlabelled, as a dataset loaded whole whose labels are all missing is (a stream cannot be read to the
+    end first to check them all; a later example with a label is ignored, and the warning says so)."""
+    from .data.sources import MISSING_LABELS, _pick_splits
+
+    if label_column is None:
+        return None
+    train, _ = _pick_splits(raw)
+    first = next(iter(train.take(1)), None)
+    value = None if first is None else first.get(label_column)
+    if first is not None and _is_missing_label(value, MISSING_LABELS):
+        warnings.warn(f"the training stream's first example has no label ({label_column!r}: {value!r}): the stream is "
+                      "encoded as unlabelled and its label column is ignored", stacklevel=3)
+        return None
+    return label_column
+
+
+def _is_missing_label(value: Any, missing: set) -> bool:
+    return isinstance(value, (int, np.integer, str, type(None))) and not isinstance(value, bool) and value in missing
 
 
 def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float,

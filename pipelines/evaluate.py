@@ -89,6 +89,26 @@ def _same_data(recorded: object, args) -> bool:
     return recorded == (args.dataset or args.dataset_name)
 
 
+def apply_training_split_defaults(args, tokenizer: VQTokenizer) -> None:
+    """Fill in `args.seed` and `args.validation_split` where they are None: on the data the tokenizer was trained
+    on, the training run's (recorded in training_info), so that the images training held out are held out here too;
+    on other data, seed 0 and the usual fraction. Embedded datasets have fixed splits and keep the usual fraction."""
+    import sys
+
+    from .data.sources import DEFAULT_VALIDATION_SPLIT
+
+    info = tokenizer.training_info
+    same_data = _same_data(info.get("dataset"), args)
+    if not same_data and (args.seed is None or args.validation_split is None):
+        print(f"not the training data ({info.get('dataset')!r}): the held-out split is drawn with the defaults "
+              "(--seed 0 and the usual --validation_split) unless given", file=sys.stderr)
+    if args.seed is None:
+        args.seed = info.get("seed", 0) if same_data else 0
+    if args.validation_split is None:
+        args.validation_split = (info.get("validation_split", DEFAULT_VALIDATION_SPLIT)
+                                 if same_data and not args.dataset else DEFAULT_VALIDATION_SPLIT)
+
+
 def build_parser():
     import argparse
 
@@ -127,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .data import collate_images
     from .data._checks import check_positive_int
-    from .data.sources import DEFAULT_RESOLUTION, DEFAULT_VALIDATION_SPLIT
+    from .data.sources import DEFAULT_RESOLUTION
     from .fid import ReconstructionFID, fid_weights_cache_path, resolve_fid_weights
     from .train_tokenizer import load_data
     from .training import cpu_only_multiprocess
@@ -149,19 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         perceptual.to(device)
     if fid is not None:
         fid.feature.to(device)
-    info = tokenizer.training_info
     if args.resolution is None:
         args.resolution = tokenizer.trained_resolution or DEFAULT_RESOLUTION
-    # The training run's split only applies to the data it was trained on.
-    same_data = _same_data(info.get("dataset"), args)
-    if not same_data and (args.seed is None or args.validation_split is None):
-        print(f"not the training data ({info.get('dataset')!r}): the held-out split is drawn with the defaults "
-              "(--seed 0 and the usual --validation_split) unless given", file=sys.stderr)
-    if args.seed is None:
-        args.seed = info.get("seed", 0) if same_data else 0
-    if args.validation_split is None:
-        args.validation_split = (info.get("validation_split", DEFAULT_VALIDATION_SPLIT)
-                                 if same_data and not args.dataset else DEFAULT_VALIDATION_SPLIT)
+    apply_training_split_defaults(args, tokenizer)
     # Every split gets the deterministic resize + center crop: no random crops or flips in the train split either.
     datasets, _, source = load_data(args, tokenizer.config.in_channels, augment=False)
     loader = DataLoader(datasets[args.split], batch_size=args.batch_size, collate_fn=collate_images)

@@ -166,7 +166,11 @@ def batches(accelerator: Accelerator, dataloader, start_step: int) -> Iterator[A
     """Endless batches in (seed, epoch) order, starting right after `start_step` optimizer steps."""
     per_epoch = len(dataloader)
     if per_epoch == 0:
-        raise ValueError("the training dataloader is empty: the dataset has fewer examples than one batch")
+        examples = len(dataloader.dataset) if hasattr(dataloader.dataset, "__len__") else "too few"
+        per_step = getattr(dataloader, "total_batch_size", None) or dataloader.batch_size  # all processes together
+        raise ValueError(f"the training split has {examples} example(s), fewer than one batch of {per_step} "
+                         f"({accelerator.num_processes} process(es) together): lower --train_batch_size, or train "
+                         "on more images")
     epoch, skip = divmod(start_step * accelerator.gradient_accumulation_steps, per_epoch)
     augmentation = getattr(dataloader.dataset, "augmentation", None)
     while True:

@@ -508,3 +508,48 @@ def test_folder_without_images_names_the_problem(tmp_path):
 def test_embedded_datasets_refuse_flags_that_do_not_apply(flags, named):
     with pytest.raises(ValueError, match=f"{named} do not apply to the embedded dataset 'digits'"):
         load_image_dataset(embedded="digits", **flags)
+
+
+# ------------------------------------------------------------------------------------------ review findings
+def test_class_folders_that_imagefolder_ignores_are_reported(tmp_path):
+    """train/<class>/*.png beside a flat test/*.png: imagefolder infers no labels, and none were asked about."""
+    rng = np.random.default_rng(4)
+    for name in ("train/cat/0.png", "train/cat/1.png", "train/dog/0.png", "train/dog/1.png", "test/0.png"):
+        _write_png(tmp_path / "kaggle" / name, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    with pytest.warns(UserWarning, match=r"class-like subfolders \(train/cat, train/dog\).*same depth"):
+        data = load_image_dataset(train_data_dir=str(tmp_path / "kaggle"), cache_dir=str(tmp_path / "cache"))
+    assert "label" not in data["train"].column_names
+    for name in ("train/0.png", "train/1.png", "test/0.png"):  # split folders without classes: nothing to report
+        _write_png(tmp_path / "flat" / name, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image_dataset(train_data_dir=str(tmp_path / "flat"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_column_named_image_wins_over_an_earlier_image_column(monkeypatch):
+    """With columns "mask" then "image", the masks were trained on, without a word."""
+    photos = [Image.new("RGB", (8, 8), (200, 10, 10)) for _ in range(4)]
+    masks = [Image.new("L", (8, 8), 0) for _ in range(4)]
+    two = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"mask": masks, "image": photos}, features=datasets.Features({"mask": datasets.Image(), "image": datasets.Image()}))})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: two)
+    with pytest.warns(UserWarning, match=r"several Image columns \['mask', 'image'\]: using 'image'"):
+        data = load_image_dataset(dataset_name="user/segmentation", validation_split=0.25)
+    assert data["train"][0]["image"].mode == "RGB"
+
+
+def test_images_the_pixel_conversion_refuses_are_dropped_at_load_time_with_the_reason(tmp_path):
+    """Float TIFFs outside [0, 1] passed the load-time check and failed in the DataLoader, without a file name."""
+    rng = np.random.default_rng(5)
+    for index in range(4):
+        _write_png(tmp_path / "mixed" / f"{index}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    Image.fromarray(np.full((16, 16), 7.5, np.float32), mode="F").save(tmp_path / "mixed" / "depth.tif")
+    with pytest.warns(UserWarning, match=r"first: '.*depth\.tif' \(ValueError: float \(mode 'F'\) images must lie"):
+        data = load_image_dataset(train_data_dir=str(tmp_path / "mixed"), validation_split=0.25,
+                                  cache_dir=str(tmp_path / "cache"))
+    assert len(data["train"]) + len(data["validation"]) == 4
+    with pytest.raises(ValueError, match=r"depth\.tif' \(ValueError: float"):
+        load_image_dataset(train_data_dir=str(tmp_path / "mixed"), strict_data=True, validation_split=0.25,
+                           cache_dir=str(tmp_path / "cache"))

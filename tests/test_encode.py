@@ -166,7 +166,7 @@ def test_streaming_keeps_class_names_and_refuses_a_mistyped_label_column(tokeniz
     tokens, metadata = load_token_dataset(tmp_path / "tokens")
     assert metadata["class_names"] == ["cats", "dogs"] and metadata["num_classes"] == 2
     assert tokens["train"].features["label"].names == ["cats", "dogs"]
-    with pytest.raises(ValueError, match="--label_column 'lable' is not a column of the stream"):
+    with pytest.raises(ValueError, match="label_column='lable' is not a column of the dataset; its columns are"):
         encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "other", "--label_column", "lable"))
     with pytest.raises(ValueError, match="non-negative integer class ids"):
         encode._label_id("dog", "species")
@@ -305,3 +305,64 @@ def test_encode_uses_the_tokenizer_resampling_filter(tmp_path):
     assert torch.equal(torch.as_tensor(np.array(resampled["indices"])), expected.to(torch.int32))
     assert not np.array_equal(np.array(bicubic["indices"]), np.array(resampled["indices"]))
     assert json.loads((tmp_path / "nearest" / encode.PARAMS_NAME).read_text())["resample"] == "nearest"
+
+
+def _hub_stream(columns: dict, features: dict):
+    dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    return datasets.IterableDatasetDict({"train": dataset.to_iterable_dataset()})
+
+
+def test_streaming_finds_the_columns_a_whole_load_finds(tokenizer_dir, tmp_path, monkeypatch):
+    """--streaming looked for "image" and "label" only: columns "img" and "labels" failed, then lost the labels."""
+    stream = _hub_stream({"img": images(8), "labels": [0, 1] * 4},
+                         {"img": datasets.Image(), "labels": datasets.ClassLabel(names=["cat", "dog"])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: stream)
+    flags = ["--streaming", "--tokenizer", str(tokenizer_dir), "--dataset_name", "user/pets", "--batch_size", "4",
+             "--validation_split", "0.25"]
+    encode.main([*flags, "--output_dir", str(tmp_path / "tokens")])
+    tokens, metadata = load_token_dataset(tmp_path / "tokens")
+    assert metadata["class_names"] == ["cat", "dog"] and metadata["splits"] == {"train": 6, "validation": 2}
+    assert list(tokens["train"]["label"]) == [1, 0, 1, 1, 0, 1]  # positions 1, 2, 3, 5, 6, 7
+
+
+def test_streaming_encodes_a_split_without_labels_as_unlabelled(tokenizer_dir, tmp_path, monkeypatch):
+    """All labels -1 (an "unlabeled" split): loaded whole it is encoded unlabelled; --streaming raised."""
+    stream = _hub_stream({"image": images(8), "label": [-1] * 8},
+                         {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: stream)
+    flags = ["--streaming", "--tokenizer", str(tokenizer_dir), "--dataset_name", "user/unlabeled", "--batch_size", "4"]
+    with pytest.warns(UserWarning, match=r"first example has no label \('label': -1\).*encoded as unlabelled"):
+        encode.main([*flags, "--output_dir", str(tmp_path / "tokens")])
+    tokens, metadata = load_token_dataset(tmp_path / "tokens")
+    assert metadata["num_classes"] == 0 and "label" not in tokens["train"].column_names
+    # In a labelled stream an example without a label is refused by name, as without --streaming.
+    stream["train"] = datasets.Dataset.from_dict(
+        {"image": images(8), "label": [0, 1, -1, 0, 1, 0, 1, 0]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}),
+    ).to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"an example of the labelled stream has no label \('label': -1\)"):
+        encode.main([*flags, "--output_dir", str(tmp_path / "other")])
+
+
+def test_encode_holds_out_what_the_tokenizer_held_out(tmp_path):
+    """encode drew its split with seed 0 and 5% whatever the tokenizer trained with, so the images the tokenizer
+    held out landed in the prior's training split (evaluate-tokenizer already followed the training run)."""
+    from pipelines.data import load_image_dataset
+
+    rng = np.random.default_rng(6)
+    for index in range(20):
+        array = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        array[0, 0] = index  # tells the images apart after encoding: each grid differs
+        folder = tmp_path / "images" / ("cats" if index % 2 else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(folder / f"{index:03d}.png")
+    tokenizer = tiny_tokenizer()
+    tokenizer.training_info = {"dataset": str(tmp_path / "images"), "seed": 3, "validation_split": 0.2,
+                               "resolution": 32}
+    tokenizer.save_pretrained(tmp_path / "tok")
+    encode.main(["--tokenizer", str(tmp_path / "tok"), "--train_data_dir", str(tmp_path / "images"),
+                 "--output_dir", str(tmp_path / "tokens")])
+    tokens, _ = load_token_dataset(tmp_path / "tokens")
+    held_out = load_image_dataset(train_data_dir=str(tmp_path / "images"), seed=3, validation_split=0.2)["validation"]
+    expected = tokenizer.encode(tokenizer.image_processor_for(32).preprocess(list(held_out["image"]))).indices
+    assert torch.equal(torch.stack(list(tokens["validation"]["indices"])).long(), expected)

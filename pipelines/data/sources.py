@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets.data_files import EmptyDatasetError
@@ -166,12 +167,36 @@ def _load_image_folder(train_data_dir: str, cache_dir: str | None) -> datasets.D
     if not Path(train_data_dir).is_dir():
         raise ValueError(f"train_data_dir={train_data_dir!r} is not an existing directory; expected a folder of images")
     try:
-        return datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+        raw = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     except (EmptyDatasetError, ValueError) as error:
         if not isinstance(error, EmptyDatasetError) and "corresponds to no data" not in str(error):
             raise
         raise ValueError(f"no image files found under train_data_dir={train_data_dir!r} (looked for the extensions "
                          "datasets' imagefolder reads, e.g. .png, .jpg, .jpeg, .webp, .bmp)") from error
+    if not any("label" in (split.features or {}) for split in raw.values()):
+        classes = _class_like_folders(Path(train_data_dir))
+        if classes:
+            warnings.warn(
+                f"train_data_dir={train_data_dir!r} has class-like subfolders ({', '.join(classes[:5])}"
+                f"{', ...' if len(classes) > 5 else ''}) but datasets' imagefolder gave no labels: it infers them only "
+                "when every image file lies at the same depth (class folders, optionally inside train/validation/test "
+                "folders). The images are used unlabelled; move loose image files into class folders for labels.",
+                stacklevel=3)
+    return raw
+
+
+def _class_like_folders(root: Path) -> list[str]:
+    """Folders (up to two levels down, split folders such as train/ or test/ aside) that hold image files."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    split_names = {"train", "training", *VALIDATION_SPLIT_CANDIDATES}
+    found = []
+    for folder in sorted(p for p in root.glob("*/") if p.is_dir()):
+        for candidate in ([folder] if folder.name.lower() not in split_names else []) + sorted(folder.glob("*/")):
+            if candidate.is_dir() and any(f.suffix.lower() in extensions for f in candidate.iterdir() if f.is_file()):
+                found.append(str(candidate.relative_to(root)))
+    return found
 
 
 def _pick_splits(raw: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -193,9 +218,13 @@ def _find_columns(
     features = dataset.features
     described = ", ".join(f"{name} ({type(feature).__name__})" for name, feature in features.items())
     if image_column is None:
-        image_column = next((name for name, f in features.items() if isinstance(f, datasets.Image)), None)
-        if image_column is None:
+        candidates = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+        if not candidates:
             raise ValueError(f"the dataset has no Image column; pass image_column= one of its columns: {described}")
+        image_column = "image" if "image" in candidates else candidates[0]
+        if len(candidates) > 1:
+            warnings.warn(f"the dataset has several Image columns {candidates}: using {image_column!r}; pass "
+                          "image_column= (--image_column) to choose another", stacklevel=3)
     elif image_column not in features:
         raise ValueError(f"image_column={image_column!r} is not a column of the dataset; its columns are: {described}")
     if label_column is None:  # only a column that can hold class ids; multi-label lists, for one, are left out
@@ -277,9 +306,11 @@ def _drop_unreadable_images(splits: datasets.DatasetDict, *, strict: bool) -> da
         readable = undecoded.map(_readable_flags, batched=True, remove_columns=["image"], desc="Checking images")
         readable = list(readable["readable"])
         bad = [index for index, ok in enumerate(readable) if not ok]
+        if bad and first_bad is None:
+            value = undecoded[bad[0]]["image"]
+            path = (value or {}).get("path")  # None for a missing image
+            first_bad = (repr(path) if path else f"at row {bad[0]} of the {name!r} split") + f" ({decode_checked(value)[1]})"
         if bad:
-            path = (undecoded[bad[0]]["image"] or {}).get("path")  # None for a missing image
-            first_bad = first_bad or (repr(path) if path else f"at row {bad[0]} of the {name!r} split")
             if strict:
                 raise ValueError(
                     f"unreadable image {first_bad} ({len(bad)} unreadable image(s) in the {name!r} split); "
@@ -338,13 +369,29 @@ def _readable_flags(batch: dict) -> dict:
 
 
 def _is_readable(value: dict | None) -> bool:
-    return decode_if_readable(value) is not None
+    return decode_checked(value)[0] is not None
 
 
-def decode_if_readable(value: dict | None):
-    """An undecoded `Image` value ({"bytes", "path"}) as a PIL image, or None when it is missing or unreadable."""
+def decode_checked(value: dict | None) -> tuple[Any, str | None]:
+    """(PIL image, None) for a usable undecoded `Image` value, else (None, why it is not usable)."""
+    from PIL import Image
+
+    from tokenizer.image_processor import convert_mode
+
     if value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None):
-        return None  # a missing image: decode_example returns None for it instead of raising
+        return None, "missing image"  # decode_example returns None for it instead of raising
+    try:
+        # `decode_example` opens paths, bytes and remote/archived files alike, then calls `Image.load()`, which
+        # reads every pixel: unlike `Image.verify()`, it also catches files truncated after a valid header.
+        image = datasets.Image().decode_example(value)
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            convert_mode(image, 1)  # the pixel conversion's value checks, so that they fail here, not mid-training
+    except Image.DecompressionBombError as error:
+        return None, (f"{type(error).__name__}: {error}; if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS "
+                      "before loading")
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct/zlib errors...
+        return None, f"{type(error).__name__}: {error}"
+    return image, None  # a missing image: decode_example returns None for it instead of raising
     try:
         # `decode_example` opens paths, bytes and remote/archived files alike, then calls `Image.load()`, which
         # reads every pixel: unlike `Image.verify()`, it also catches files truncated after a valid header.
