@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 PRIORS = {"pixelcnn": (PixelCNNPrior, PixelCNNConfig), "transformer": (TransformerPrior, TransformerPriorConfig)}
 
 
+# The flags of the validation samples, which are drawn only when a --tokenizer can decode them.
+SAMPLE_FLAG_DEFAULTS = {"num_validation_samples": 16, "guidance_scale": 1.0, "temperature": 1.0, "top_k": None}
+
+
 def add_prior_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens_dir", type=str, required=True, help="a folder written by `vqstack encode`")
     parser.add_argument("--prior", type=str, default="transformer", choices=sorted(PRIORS))
@@ -56,10 +60,14 @@ def add_prior_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", type=str, default=None,
                         help="saved tokenizer: decodes validation samples, and is joined with the trained prior into "
                              "a generation pipeline in OUTPUT_DIR/pipeline")
-    parser.add_argument("--num_validation_samples", type=int, default=16)
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="for validation samples")
-    parser.add_argument("--temperature", type=float, default=1.0, help="for validation samples")
-    parser.add_argument("--top_k", type=int, default=None, help="for validation samples")
+    parser.add_argument("--num_validation_samples", type=int, default=SAMPLE_FLAG_DEFAULTS["num_validation_samples"],
+                        help="with --tokenizer")
+    parser.add_argument("--guidance_scale", type=float, default=SAMPLE_FLAG_DEFAULTS["guidance_scale"],
+                        help="for validation samples (with --tokenizer)")
+    parser.add_argument("--temperature", type=float, default=SAMPLE_FLAG_DEFAULTS["temperature"],
+                        help="for validation samples (with --tokenizer)")
+    parser.add_argument("--top_k", type=int, default=SAMPLE_FLAG_DEFAULTS["top_k"],
+                        help="for validation samples (with --tokenizer)")
     add_common_training_args(parser)
 
 
@@ -116,6 +124,11 @@ def collate_tokens(examples: list[dict]) -> dict:
 def train_prior(args: argparse.Namespace) -> Path:
     """Run the training described by `args`; returns the folder of the exported prior."""
     check_common_args(args)
+    if args.tokenizer is None:
+        given = [f"--{name}" for name, default in SAMPLE_FLAG_DEFAULTS.items() if getattr(args, name) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} set the validation samples, which are drawn only with --tokenizer "
+                             "(to decode them); add --tokenizer or drop the flag(s)")
     accelerator = make_accelerator(args)
     tokens, metadata = load_token_dataset(args.tokens_dir)
     if "validation" not in tokens:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
+    SCALER_NAME,
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     ProjectConfiguration,
@@ -37,6 +39,7 @@ from .checkpointing import check_output_dir, checkpoint_step, resolve_resume, sa
 
 logger = logging.getLogger(__name__)
 TRAINING_STATE_NAME = "training_state.json"
+DEFAULT_EMA_DECAY = 0.999
 
 
 def add_common_training_args(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +67,7 @@ def add_common_training_args(parser: argparse.ArgumentParser) -> None:
                        help="start over in an --output_dir that holds checkpoints of another run, deleting them")
     group.add_argument("--validation_steps", type=int, default=500)
     group.add_argument("--use_ema", action="store_true", help="keep an exponential moving average of the weights")
-    group.add_argument("--ema_decay", type=float, default=0.999)
+    group.add_argument("--ema_decay", type=float, default=DEFAULT_EMA_DECAY, help="with --use_ema")
     group.add_argument("--report_to", type=str, default="none",
                        help='tracker for accelerate ("tensorboard", "wandb", "all" or "none")')
     group.add_argument("--max_nonfinite_steps", type=int, default=10,
@@ -97,6 +100,12 @@ def check_common_args(args: argparse.Namespace) -> None:
                          "--lr_scheduler constant_with_warmup (or linear, cosine)")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. 'your-name/your-model')")
+    # Flags of a feature that is off would be ignored: refuse them, as the discriminator's flags without a GAN are.
+    if not args.use_ema and args.ema_decay != DEFAULT_EMA_DECAY:
+        raise ValueError(f"--ema_decay {args.ema_decay} applies with --use_ema only; add --use_ema or drop --ema_decay")
+    ignored = [f"--{name}" for name in ("hub_model_id", "hub_token") if getattr(args, name) and not args.push_to_hub]
+    if ignored:
+        raise ValueError(f"{' and '.join(ignored)} apply with --push_to_hub only; add --push_to_hub or drop them")
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -310,6 +319,13 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, guard: NonF
     check_output_dir(accelerator, args.output_dir, path, args.overwrite_output_dir)
     if args.resume_from_checkpoint is None and not args.overwrite_output_dir:
         _refuse_earlier_outputs(args.output_dir, ("validation", *outputs))
+    elif path is None and args.overwrite_output_dir:
+        # An earlier run's exported model would otherwise stay beside this run's, looking like its result (a
+        # pipeline/ that this run does not write, for one).
+        if accelerator.is_main_process:
+            for name in outputs:
+                shutil.rmtree(Path(args.output_dir) / name, ignore_errors=True)
+        accelerator.wait_for_everyone()
     if path is not None:
         _check_checkpoint_matches(accelerator, path, extra_state)
     # The validation log and images past the starting point come from another run, or from this run beyond its
@@ -337,17 +353,22 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, guard: NonF
     return int(state["global_step"])
 
 
-# Flags that say where and how often to write, not what to train: a resume may change them freely. The Hub token
-# is a secret and is never written.
-_BOOKKEEPING_FLAGS = frozenset({
+# Secrets: never written to a checkpoint, a log or a tracker.
+_SECRET_FLAGS = frozenset({"hub_token"})
+# Flags that say where and how often to write, not what to train: a resume may change them freely.
+# --max_train_steps too, unless the learning-rate schedule is laid out over it (see `_recorded_flags`).
+_BOOKKEEPING_FLAGS = _SECRET_FLAGS | frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_train_steps", "checkpointing_steps",
-    "checkpoints_total_limit", "validation_steps", "report_to", "push_to_hub", "hub_model_id", "hub_token",
+    "checkpoints_total_limit", "validation_steps", "report_to", "push_to_hub", "hub_model_id",
     "no_progress", "dataloader_num_workers", "max_nonfinite_steps",
 })
+SCHEDULES_WITHOUT_TOTAL = frozenset({"constant", "constant_with_warmup"})  # the others decay over max_train_steps
 
 
 def _recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
     flags = {name: value for name, value in vars(args).items() if name not in _BOOKKEEPING_FLAGS}
+    if getattr(args, "lr_scheduler", "constant") not in SCHEDULES_WITHOUT_TOTAL:
+        flags["max_train_steps"] = args.max_train_steps  # a decaying schedule is laid out over it
     return json.loads(json.dumps(flags, default=str))  # as written and read back
 
 
@@ -355,6 +376,8 @@ def _warn_changed_flags(path: Path, saved: dict[str, Any] | None, current: dict[
     """A resume continues the run exactly only with the flags that wrote the checkpoint: name any that differ."""
     if saved is None:  # a checkpoint written before the flags were recorded
         return
+    if "max_train_steps" not in saved and saved.get("lr_scheduler") == current.get("lr_scheduler"):
+        current = {name: value for name, value in current.items() if name != "max_train_steps"}  # not recorded then
     changed = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
     if changed:
         logger.warning("resuming from %s with flags other than the run that wrote it: %s. The run continues with the "
@@ -376,6 +399,10 @@ def _refuse_earlier_outputs(output_dir: str | Path, names: tuple[str, ...]) -> N
 def _check_checkpoint_matches(accelerator: Accelerator, path: Path, extra_state: dict[str, Any]) -> None:
     """The checkpoint holds what this run will load: its optimizers (the discriminator's is the second) and
     extra states. Checked before loading anything, so that a mismatch names the flags instead of a file."""
+    if accelerator.scaler is not None and not (path / SCALER_NAME).is_file():
+        raise ValueError(f"checkpoint {path} was written without fp16 loss scaling (by a run with --mixed_precision no "
+                         "or bf16), so it has no gradient scaler state to resume with --mixed_precision fp16: resume "
+                         "with the precision of the run that wrote it, or start a new run from its exported model")
     saved = len(list(path.glob("optimizer*")))  # optimizer.bin, optimizer_1.bin (or sharded folders)
     if saved and saved != len(accelerator._optimizers):
         raise ValueError(
@@ -405,7 +432,7 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace, project: s
     """Start the --report_to trackers with the run's scalar arguments as its config (main process only)."""
     if accelerator.is_main_process:
         accelerator.init_trackers(project, config={k: v for k, v in vars(args).items()
-                                                   if isinstance(v, (int, float, str, bool))})
+                                                   if k not in _SECRET_FLAGS and isinstance(v, (int, float, str, bool))})
 
 
 def apply_gradients(accelerator: Accelerator, model: nn.Module, loss: torch.Tensor, optimizer, scheduler,

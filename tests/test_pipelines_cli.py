@@ -119,6 +119,15 @@ def test_train_prior_unconditional_with_tokenizer_and_early_sample_flag_checks(w
         assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("checkpoint-*"))
 
 
+def test_train_prior_refuses_sample_flags_without_a_tokenizer(workdir, tmp_path):
+    """Without --tokenizer no validation samples are drawn: the flags (even invalid values) were accepted unused."""
+    for flags in (["--guidance_scale", "-3"], ["--top_k", "5", "--num_validation_samples", "0"]):
+        with pytest.raises(ValueError, match="set the validation samples, which are drawn only with --tokenizer"):
+            main(["train-prior", "--tokens_dir", str(workdir / "tokens"), "--prior", "pixelcnn", "--prior_config",
+                  "tiny", "--max_train_steps", "1", "--output_dir", str(tmp_path / "run"), *flags, *QUIET])
+    assert not list(tmp_path.glob("run/checkpoint-*"))
+
+
 def test_train_prior_refuses_a_tokenizer_other_than_the_encoding_one(workdir, tmp_path):
     """Same codebook size, other weights: its codes mean something else, so the pipeline would decode noise."""
     other = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -436,3 +437,78 @@ def test_two_process_accelerate_launch(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert VQTokenizer.from_pretrained(out / "tokenizer").training_info["train_steps"] == 3
+
+
+def test_the_hub_token_never_reaches_a_tracker():
+    """init_trackers passed every scalar flag as the tracker's config, --hub_token included (hparams.yml, wandb)."""
+    from unittest import mock
+
+    from pipelines.training import init_trackers
+
+    accelerator = SimpleNamespace(is_main_process=True, init_trackers=mock.Mock())
+    args = build_parser().parse_args(["--dataset", "digits", "--output_dir", "out", "--push_to_hub",
+                                      "--hub_model_id", "me/tok", "--hub_token", "hf_secret"])
+    init_trackers(accelerator, args, "vqstack-tokenizer")
+    config = accelerator.init_trackers.call_args.kwargs["config"]
+    assert config["hub_model_id"] == "me/tok" and "hub_token" not in config
+    assert "hf_secret" not in json.dumps(config)
+
+
+def test_a_longer_run_with_a_decaying_schedule_warns_on_resume(tmp_path, caplog):
+    """--max_train_steps lays a cosine / linear schedule out: extending it on resume re-draws the learning rate."""
+    common = ["--dataset", "digits", "--max_train_samples", "16", "--validation_steps", "100",
+              "--output_dir", str(tmp_path / "run"), "--lr_scheduler", "cosine", *TINY]
+    run(["--max_train_steps", "1", *common])
+    with caplog.at_level("WARNING", logger="pipelines.training"):
+        run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", *common])
+    assert "--max_train_steps 1 -> 2" in caplog.text
+
+
+def test_overwrite_output_dir_removes_the_earlier_exported_model(tmp_path):
+    """With --overwrite_output_dir the earlier run's exported folders stayed: a pipeline/ this run does not write
+    kept the old prior and looked like this run's result."""
+    from pipelines.training import maybe_resume
+
+    out = tmp_path / "run"
+    for name in ("prior", "pipeline", "validation"):
+        (out / name).mkdir(parents=True)
+        (out / name / "old.txt").write_text("earlier run")
+    (out / "notes.txt").write_text("the user's")
+    args = SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=True,
+                           validation_steps=1)
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    assert maybe_resume(accelerator, args, guard=None, extra_state={}, outputs=("prior", "pipeline")) == 0
+    assert not (out / "prior").exists() and not (out / "pipeline").exists()
+    assert (out / "notes.txt").exists()
+
+
+def test_resuming_a_checkpoint_without_a_scaler_under_fp16_names_the_flag(tmp_path, monkeypatch):
+    """On a GPU accelerate gives fp16 runs a gradient scaler; a checkpoint of a no / bf16 run has no scaler.pt and
+    the resume failed on the missing file (or blamed the GAN flags). A scaler is attached here as on a GPU."""
+    import pipelines.train_tokenizer as train_module
+
+    common = ["--dataset", "digits", "--max_train_samples", "16", "--validation_steps", "100",
+              "--output_dir", str(tmp_path / "run"), *TINY]
+    run(["--max_train_steps", "1", *common])
+    real = train_module.make_accelerator
+
+    def with_scaler(args):
+        accelerator = real(args)
+        if args.mixed_precision == "fp16" and accelerator.scaler is None:
+            accelerator.scaler = torch.amp.GradScaler("cpu")
+        return accelerator
+
+    monkeypatch.setattr(train_module, "make_accelerator", with_scaler)
+    with pytest.raises(ValueError, match="written without fp16 loss scaling.*--mixed_precision fp16"):
+        run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--mixed_precision", "fp16", *common])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ema_decay", "0.99"], "--ema_decay 0.99 applies with --use_ema only"),
+    (["--hub_model_id", "me/tok"], "--hub_model_id apply with --push_to_hub only"),
+    (["--hub_token", "hf_x"], "--hub_token apply with --push_to_hub only"),
+])
+def test_flags_of_a_feature_that_is_off_are_refused(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        run(["--dataset", "digits", "--output_dir", str(tmp_path / "run"), *TINY, *flags])
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
