@@ -16,6 +16,7 @@ import torch
 
 from tokenizer import VQTokenizer, VQTokenizerConfig
 from tokenizer.losses import NLayerDiscriminator, VQGANLoss, VQGANLossConfig
+from tokenizer.losses.perceptual import SMALLEST_INPUT
 
 from .data import collate_images, infer_channels, load_image_dataset, set_image_transforms
 from .data.sources import DEFAULT_RESOLUTION, DEFAULT_VALIDATION_SPLIT
@@ -126,6 +127,9 @@ def check_loss_args(args: argparse.Namespace) -> None:
                              f"PatchGAN discriminator of --adversarial_weight: use at least {smallest}")
     if args.perceptual_weight == 0 and args.lpips_weights is not None:
         raise ValueError("--lpips_weights is only used with --perceptual_weight > 0")
+    if args.perceptual_weight > 0 and args.resolution < SMALLEST_INPUT["vgg"]:
+        raise ValueError(f"--resolution {args.resolution} is too small for the LPIPS loss (its VGG trunk needs at least "
+                         f"{SMALLEST_INPUT['vgg']} pixels): use a larger --resolution or --perceptual_weight 0")
 
 
 def load_data(args: argparse.Namespace, channels: int | None = None, augment: bool = True):

@@ -437,3 +437,18 @@ def test_vqgan_loss_without_discriminator_and_config_errors():
         loss_fn.discriminator_active(-1)
     with pytest.raises(TypeError, match="quantizer_loss"):
         loss_fn.generator_loss(pixel_values, reconstruction, torch.zeros(3), None, 0)
+
+
+def test_lpips_refuses_images_its_trunk_cannot_take(random_lpips):
+    """Under 16 px the VGG trunk pools the image away: a raw "output size is too small" error came from deep inside."""
+    small = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="vgg trunk needs images of at least 16x16 pixels, got \\(8, 8\\)"):
+        random_lpips(small, small)
+    assert random_lpips(torch.zeros(1, 3, 16, 20), torch.zeros(1, 3, 16, 20)).shape == ()
+
+
+def test_discriminator_channels_are_checked_against_the_images():
+    loss = VQGANLoss(_tiny_config())  # image_channels=3 by default; a grayscale tokenizer needs 1
+    gray = torch.zeros(2, 1, 32, 32)
+    with pytest.raises(ValueError, match="1 channel\\(s\\), but the discriminator was built for 3"):
+        loss.discriminator_loss(gray, gray, global_step=10)

@@ -481,3 +481,15 @@ def test_bad_inputs_raise_clear_errors():
         quantizer.indices_to_codes(torch.zeros(1, 2, 2, dtype=torch.int32))
     with pytest.raises(TypeError, match="QuantizerConfig"):
         build_quantizer({"kind": "vq"}, 8)
+
+
+def test_lfq_nan_latents_leave_the_usage_statistics_alone():
+    """VQ and FSQ skipped a NaN batch (the step the trainer skips); LFQ counted it and marked code 0 as used."""
+    quantizer = LookupFreeQuantizer(QuantizerConfig(kind="lfq", codebook_size=32), 5).train()
+    latents = torch.randn(2, 5, 4, 4)
+    quantizer(latents)
+    before = {name: tensor.clone() for name, tensor in quantizer.state_dict().items()}
+    latents[0, 0, 0, 0] = float("nan")
+    quantizer(latents)
+    for name, tensor in quantizer.state_dict().items():
+        assert torch.equal(tensor, before[name]), name

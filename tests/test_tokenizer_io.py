@@ -262,3 +262,50 @@ def test_torch_dtype_auto_keeps_the_saved_precision_and_unknown_keywords_are_ref
         VQTokenizer.from_pretrained(tmp_path / "bf16", map_loaction="cpu")
     with pytest.raises(ValueError, match="torch_dtype must be"):
         VQTokenizer.from_pretrained(tmp_path / "bf16", torch_dtype=torch.int8)
+
+
+def test_a_save_that_cannot_encode_its_metadata_writes_nothing(tmp_path):
+    """The weights were written before training_info was encoded: a value JSON refuses (np.float32) left the new
+    weights beside the previous save's training_info.json, and loading paired them."""
+    import numpy as np
+
+    old = VQTokenizer.from_preset("tiny")
+    old.training_info = {"resolution": 32}
+    old.save_pretrained(tmp_path / "tok")
+    new = VQTokenizer.from_preset("tiny")
+    new.training_info = {"resolution": 64, "psnr": np.float32(30.0)}
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        new.save_pretrained(tmp_path / "tok")
+    loaded = VQTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.trained_resolution == 32
+    for name, tensor in old.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_preprocess_takes_float_tensors_in_zero_one():
+    """torchvision's ToTensor gives float tensors in [0, 1]: refused, with a message that sent them to encode as
+    they were, where they passed the range check and gave wrong tokens."""
+    import numpy as np
+
+    from tokenizer import VQImageProcessor
+
+    processor = VQImageProcessor(channels=3)
+    rng = np.random.default_rng(0)
+    array = rng.random((16, 12, 3)).astype(np.float32)
+    from_tensor = processor.preprocess(torch.from_numpy(array).permute(2, 0, 1))
+    assert torch.equal(from_tensor, processor.preprocess(array))
+    assert torch.equal(processor.preprocess(torch.from_numpy(array).permute(2, 0, 1)[None]), from_tensor)
+    with pytest.raises(ValueError, match="float tensors must lie in \\[0, 1\\].*already in \\[-1, 1\\] need no"):
+        processor.preprocess(torch.from_numpy(array).permute(2, 0, 1) * 2 - 1)
+    with pytest.raises(TypeError, match="uint8 in \\[0, 255\\] or float in \\[0, 1\\]"):
+        processor.preprocess(torch.zeros(3, 8, 8, dtype=torch.int32))
+
+
+def test_from_preset_refuses_a_quantizer_it_cannot_read():
+    from tokenizer import VQTokenizerConfig
+
+    for value in ("lfq", 256, ["kind", "lfq"]):
+        with pytest.raises(TypeError, match="quantizer must be a QuantizerConfig or a dict"):
+            VQTokenizerConfig.from_preset("tiny", quantizer=value)
+    assert VQTokenizerConfig.from_preset("tiny", quantizer={"kind": "fsq", "fsq_levels": (4, 4, 4),
+                                                            "codebook_size": 64}).quantizer.kind == "fsq"

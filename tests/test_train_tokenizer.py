@@ -512,3 +512,9 @@ def test_flags_of_a_feature_that_is_off_are_refused(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         run(["--dataset", "digits", "--output_dir", str(tmp_path / "run"), *TINY, *flags])
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_a_resolution_too_small_for_lpips_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="--resolution 8 is too small for the LPIPS loss"):
+        run(["--dataset", "digits", "--output_dir", str(tmp_path / "run"), "--resolution", "8", *TINY,
+             "--perceptual_weight", "1"])

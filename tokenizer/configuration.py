@@ -138,6 +138,9 @@ class VQTokenizerConfig:
             data["quantizer"] = quantizer_overrides.to_dict()
         elif isinstance(quantizer_overrides, dict):
             data["quantizer"] = {**data["quantizer"], **quantizer_overrides}
+        elif quantizer_overrides is not None:
+            raise TypeError(f"quantizer must be a QuantizerConfig or a dict of its fields (e.g. {{'kind': 'fsq'}}), got "
+                            f"{quantizer_overrides!r} ({type(quantizer_overrides).__name__})")
         return cls.from_dict(data, source=f"preset {name!r}")
 
 

@@ -22,8 +22,9 @@ OutputType = Literal["pil", "np", "pt"]
 class VQImageProcessor:
     """Converts images for a tokenizer and back.
 
-    `preprocess` accepts a PIL image, an (H, W) / (H, W, C) numpy array (uint8, or float in [0, 1]), a uint8
-    tensor (C, H, W) / (B, C, H, W), or a list of any of these, and returns float32 (B, C, H, W) in [-1, 1].
+    `preprocess` accepts a PIL image, an (H, W) / (H, W, C) numpy array (uint8, or float in [0, 1]), a tensor
+    (C, H, W) / (B, C, H, W) (uint8, or float in [0, 1] as torchvision's ToTensor gives), or a list of any of these,
+    and returns float32 (B, C, H, W) in [-1, 1].
     With `resolution` set, images are resized (shorter side) and center-cropped to a square of that size;
     otherwise, with `crop_to_multiple` set, they are center-cropped to the nearest multiple of the tokenizer's
     downsampling factor, so that any photo can be tokenized.
@@ -68,12 +69,21 @@ class VQImageProcessor:
         if isinstance(image, Image.Image):
             pil = image
         elif isinstance(image, torch.Tensor):
-            if image.dtype != torch.uint8 or image.dim() != 3:
+            if image.dim() != 3 or not (image.dtype == torch.uint8 or image.is_floating_point()):
                 raise TypeError(
-                    f"images[{position}]: tensor images must be uint8 (C, H, W) or (B, C, H, W); got dtype "
-                    f"{image.dtype} with shape {tuple(image.shape)}. Float tensors in [-1, 1] need no preprocessing."
+                    f"images[{position}]: tensor images must be uint8 in [0, 255] or float in [0, 1], (C, H, W) or "
+                    f"(B, C, H, W); got dtype {image.dtype} with shape {tuple(image.shape)}"
                 )
-            pil = _array_to_pil(image.permute(1, 2, 0).numpy(), position)
+            array = image.detach().cpu()
+            if array.is_floating_point():
+                array = array.float()
+                low, high = (array.min().item(), array.max().item()) if array.numel() else (0.0, 0.0)
+                if not (0.0 <= low and high <= 1.0):  # also catches NaN
+                    raise ValueError(
+                        f"images[{position}]: float tensors must lie in [0, 1] (as torchvision's ToTensor gives), got "
+                        f"range [{low:.3g}, {high:.3g}]; tensors already in [-1, 1] need no preprocessing: pass "
+                        "them to encode directly")
+            pil = _array_to_pil(array.permute(1, 2, 0).numpy(), position)
         elif isinstance(image, np.ndarray):
             pil = _array_to_pil(image, position)
         else:

@@ -251,16 +251,19 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
         weights; a hand-written README.md is kept.
         """
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        # Serialized in memory and written by Python: safetensors' own file writer creates files with mode 0600.
+        # Everything is serialized before any file is touched: metadata that JSON cannot encode must not leave new
+        # weights beside the previous save's training_info.json. In memory and written by Python, too, because
+        # safetensors' own file writer creates files with mode 0600.
         weights = save(state, metadata={"format": "pt", "library": "vqstack"})
+        info = json.dumps(self.training_info, indent=2) + "\n" if self.training_info else None
         # The weights first: a save stopped while writing them (the long write) leaves the previous model whole.
         write_file_atomically(save_directory / WEIGHTS_NAME, weights)
         remove_generated_card(save_directory)
         self.config.to_json_file(save_directory / CONFIG_NAME)
         self.image_processor.save_pretrained(save_directory)
         info_path = save_directory / TRAINING_INFO_NAME
-        if self.training_info:
-            write_file_atomically(info_path, json.dumps(self.training_info, indent=2) + "\n")
+        if info is not None:
+            write_file_atomically(info_path, info)
         else:
             info_path.unlink(missing_ok=True)  # left by an earlier save to this folder; it describes other weights
 

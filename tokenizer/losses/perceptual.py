@@ -160,6 +160,11 @@ def load_linear_weights(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"LPIPS linear weights file {str(path)!r} does not match the network: {error}") from error
 
 
+# The smallest image side each trunk takes: its pooling stages shrink smaller images to nothing before the last
+# feature layer LPIPS reads (measured on these trunks; every larger size works).
+SMALLEST_INPUT = {"vgg": 16, "alex": 31, "squeeze": 17}
+
+
 class LPIPSLoss(nn.Module):
     """Frozen LPIPS distance between images in [-1, 1]; returns the batch mean as a float32 scalar.
 
@@ -222,6 +227,11 @@ class LPIPSLoss(nn.Module):
         channels = input.shape[1]
         if channels not in (1, 3):
             raise ValueError(f"LPIPSLoss expects 1 or 3 channels, got input of shape {tuple(input.shape)}")
+        smallest = SMALLEST_INPUT[self.net_name]
+        if min(input.shape[-2:]) < smallest:
+            raise ValueError(f"LPIPS with the {self.net_name} trunk needs images of at least {smallest}x{smallest} "
+                             f"pixels, got {tuple(input.shape[-2:])}; train at a larger resolution or without the "
+                             "perceptual loss (perceptual weight 0)")
         if channels == 1:  # grayscale: the trunk was trained on RGB, so repeat the one channel
             input, target = input.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1)
         dtype = next(self.lpips.parameters()).dtype

@@ -102,6 +102,13 @@ class VQGANLoss(nn.Module):
             raise ValueError(f"global_step must be an int >= 0, got {global_step!r}")
         return self.uses_discriminator and global_step >= self.config.disc_start
 
+    def _check_images(self, pixel_values: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        check_image_pair(pixel_values, reconstruction)
+        if self.discriminator is not None and pixel_values.shape[1] != self.config.image_channels:
+            raise ValueError(f"the images have {pixel_values.shape[1]} channel(s), but the discriminator was built for "
+                             f"{self.config.image_channels}: set VQGANLossConfig(image_channels=...) to the "
+                             "tokenizer's in_channels")
+
     def generator_loss(self, pixel_values: torch.Tensor, reconstruction: torch.Tensor,
                        quantizer_loss: torch.Tensor, last_layer: torch.Tensor | None,
                        global_step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -117,7 +124,7 @@ class VQGANLoss(nn.Module):
 
         Under `torch.no_grad()` (validation) the adaptive weight cannot be computed and is 0, as in VQGAN.
         """
-        check_image_pair(pixel_values, reconstruction)
+        self._check_images(pixel_values, reconstruction)
         rec = self.reconstruction(pixel_values, reconstruction)
         terms = {"l1": rec.l1, "l2": rec.l2, "rec": rec.loss, "quantizer": _scalar("quantizer_loss", quantizer_loss)}
         nll = rec.loss  # VQGAN's L_rec: pixel + perceptual terms
@@ -155,7 +162,7 @@ class VQGANLoss(nn.Module):
         loss is a constant 0 without a graph: check `discriminator_active(step)` before stepping its
         optimizer, so that no update (not even weight decay) happens.
         """
-        check_image_pair(pixel_values, reconstruction)
+        self._check_images(pixel_values, reconstruction)
         if not self.discriminator_active(global_step):
             zero = torch.zeros((), device=pixel_values.device)
             return zero, {"disc_loss": 0.0}

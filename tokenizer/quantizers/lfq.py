@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
 from .base import (
     Float32Linear,
     Quantizer,
@@ -54,7 +55,7 @@ class LookupFreeQuantizer(Quantizer):
             entropy_loss = self._entropy_loss(latents)
             quantized = self.project_out(straight_through(signs, latents))  # (N, D)
             counts = self.code_counts(indices)
-            if self.training:
+            if self.training and distributed.all_finite(latents.detach()):  # a NaN step is skipped by the trainer
                 self.update_usage(counts)
             stats = self.codebook_stats(counts)
         return make_output(quantized, indices, (batch, height, width), stats, commit_loss=commit_loss,
