@@ -24,6 +24,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from huggingface_hub import HfApi, ModelCard, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from tqdm.auto import tqdm
 
 from prior import Prior, load_prior
@@ -165,16 +166,28 @@ class GenerationPipeline:
             pipeline_model_card(self, sample_grid=None).save(folder / "README.md")
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | Path, **hub_kwargs: Any) -> GenerationPipeline:
-        """Load a pipeline folder, or download one from the Hub (JSON and safetensors files only)."""
+    def from_pretrained(cls, path_or_repo_id: str | Path, *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, force_download: bool = False,
+                        local_files_only: bool = False, token: str | bool | None = None,
+                        map_location: str | torch.device = "cpu") -> GenerationPipeline:
+        """Load a pipeline folder, or download one from the Hub (JSON and safetensors files only); the Hub options
+        apply to a repo id only. `map_location`: the device both parts are loaded onto."""
         folder = Path(path_or_repo_id)
         name = str(path_or_repo_id)
         if not folder.is_dir() and (folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise FileNotFoundError(f"{name!r} is neither a folder written by save_pretrained nor a Hub repo id "
                                     "like 'user/name'")
         if not folder.is_dir():
-            folder = Path(snapshot_download(str(path_or_repo_id), allow_patterns=["*.json", "*.safetensors", "*.md"],
-                                            **hub_kwargs))
+            try:
+                folder = Path(snapshot_download(
+                    name, allow_patterns=["*.json", "*.safetensors", "*.md"], revision=revision, cache_dir=cache_dir,
+                    force_download=force_download, local_files_only=local_files_only, token=token))
+            except LocalEntryNotFoundError as error:
+                raise OSError(
+                    f"could not download the pipeline from the Hub repo {name!r} (no network or repo not cached): "
+                    f"{error}. Download the repo elsewhere (e.g. `hf download {name} --local-dir DIR`), copy the "
+                    "folder here and pass its path instead."
+                ) from error
         config_file = folder / PIPELINE_CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"{path_or_repo_id} has no {PIPELINE_CONFIG_NAME}: it is not a saved pipeline")
@@ -190,8 +203,8 @@ class GenerationPipeline:
         if version > PIPELINE_FORMAT_VERSION:
             raise ValueError(f"{config_file} has format_version={version!r}; this vqstack reads versions <= "
                              f"{PIPELINE_FORMAT_VERSION}, upgrade vqstack to load it")
-        tokenizer = VQTokenizer.from_pretrained(folder / "tokenizer")
-        prior = load_prior(folder / "prior")
+        tokenizer = VQTokenizer.from_pretrained(folder / "tokenizer", map_location=map_location)
+        prior = load_prior(folder / "prior", map_location=map_location)
         try:
             return cls(tokenizer, prior, class_names=config.get("class_names"))
         except ValueError as error:
@@ -199,8 +212,14 @@ class GenerationPipeline:
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
                     num_sample_images: int = 16, seed: int = 0) -> str:
-        """Upload both parts, `pipeline.json`, a sample grid and one model card covering everything."""
+        """Upload both parts, `pipeline.json`, a sample grid and one model card covering everything.
+
+        `private=True` creates a private repo and refuses an existing public one (the Hub would keep it public)."""
+        from .hub import check_private
+
         api = HfApi(token=token)
+        if private:
+            check_private(api, repo_id)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -233,6 +252,9 @@ def replace_saved_pipeline(pipeline: GenerationPipeline, folder: Path) -> None:
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     pipeline.save_pretrained(temporary)
+    card = folder / "README.md"
+    if card.is_file() and GENERATED_CARD_MARKER not in card.read_text(errors="replace"):
+        shutil.copyfile(card, temporary / "README.md")  # a card the user wrote is theirs, as in save_pretrained
     shutil.rmtree(folder, ignore_errors=True)
     temporary.rename(folder)
 
@@ -277,7 +299,7 @@ def pipeline_model_card(pipeline: GenerationPipeline, sample_grid: str | None) -
               f"| tokenizer | {sum(p.numel() for p in tokenizer.parameters()) / 1e6:.2f}M | "
               f"{tokenizer.config.quantizer.kind}, {tokenizer.codebook_size} codes |",
               f"| prior | {sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M | {prior.config.prior_type}, "
-              f"{prior.config.num_classes} classes |", ""]
+              f"{f'{prior.config.num_classes} classes' if prior.config.num_classes else 'unconditional'} |", ""]
     if pipeline.class_names:
         lines += [f"Classes: {', '.join(pipeline.class_names)}", ""]
     for title, info in (("Tokenizer training", tokenizer.training_info), ("Prior training", prior.training_metrics)):
@@ -285,7 +307,8 @@ def pipeline_model_card(pipeline: GenerationPipeline, sample_grid: str | None) -
             lines += [f"## {title}", "", "```json", json.dumps(info, indent=2, default=str), "```", ""]
     lines += ["## Usage", "", "```python", "from pipelines import GenerationPipeline",
               'pipe = GenerationPipeline.from_pretrained("<this repo or folder>")',
-              "images = pipe(8, labels=[0] * 8, seed=0).images", "```", ""]
+              "images = pipe(8, labels=[0] * 8, seed=0).images" if prior.config.num_classes
+              else "images = pipe(8, seed=0).images", "```", ""]
     return ModelCard("\n".join(lines))
 
 
@@ -361,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    if PartialState(cpu=cpu_only_multiprocess()).is_main_process:
+        # Before sampling: an unusable --output_dir (a file, no permission) would otherwise fail after all of it.
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     pipeline = GenerationPipeline.from_pretrained(args.pipeline)
     labels = _parse_labels(args.labels, pipeline, args.num_images)
     out = generate_distributed(pipeline, args.num_images, labels=labels, seed=args.seed,

@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repo_id", type=str, required=True, help="e.g. 'your-name/vqstack-digits'")
     parser.add_argument("--token", type=str, default=None)
     # None (no flag) leaves the choice to the Hub: the account's or organization's default visibility.
-    parser.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    parser.add_argument("--private", action="store_true", default=None,
+                        help="create the repo as private; an existing public repo is refused")
     return parser
 
 
@@ -31,12 +32,29 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
     folder = Path(folder)
     model, stale = _load_folder(folder)
     card = folder / "README.md"
+    if private:
+        check_private(HfApi(token=token), repo_id)
     if card.is_file() and GENERATED_CARD_MARKER not in card.read_text(errors="replace"):
         api = HfApi(token=token)
         repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         return str(api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
                                      commit_message=f"Upload {folder.name} (vqstack)", delete_patterns=stale))
     return str(model.push_to_hub(repo_id, token=token, private=private))
+
+
+def check_private(api: HfApi, repo_id: str) -> None:
+    """Refuse to upload into an existing public repo when a private one was asked for: `create_repo(private=True,
+    exist_ok=True)` leaves an existing repo's visibility as it is."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = api.repo_info(repo_id, repo_type="model")
+    except RepositoryNotFoundError:
+        return  # created private by the push
+    if not info.private:
+        raise PermissionError(f"--private was given, but the Hub repo {repo_id!r} already exists and is public: "
+                              "nothing was uploaded. Make it private on the Hub (or with HfApi.update_repo_settings) "
+                              "first, or push to a new repo id")
 
 
 def _load_folder(folder: Path):
@@ -59,7 +77,8 @@ def _load_folder(folder: Path):
         from tokenizer import VQTokenizer
         from tokenizer.modeling import TRAINING_INFO_NAME
 
-        return VQTokenizer.from_pretrained(folder), [TRAINING_INFO_NAME]
+        # In the precision it was saved in: a bf16 folder is pushed as bf16, not as float32 weights twice its size.
+        return VQTokenizer.from_pretrained(folder, torch_dtype="auto"), [TRAINING_INFO_NAME]
     raise FileNotFoundError(f"{folder} is not a saved tokenizer, prior or pipeline (no config.json / pipeline.json)")
 
 

@@ -169,9 +169,14 @@ def train_prior(args: argparse.Namespace) -> Path:
     def annotate(prior: Prior) -> None:
         prior.training_metrics = {"train_steps": float(step), **{f"validation_{k}": v for k, v in metrics.items()}}
 
-    prior_dir = export_trained_model(accelerator, model, ema, args, "prior", annotate)
+    # With --tokenizer, --push_to_hub pushes the pipeline (what users generate from), after it is saved: a push
+    # that fails at the end of the run must not cost the saved pipeline.
+    prior_dir = export_trained_model(accelerator, model, ema, args, "prior", annotate, push=tokenizer is None)
     if tokenizer is not None and accelerator.is_main_process:
-        save_pipeline(tokenizer, prior_dir, metadata, Path(args.output_dir) / "pipeline")
+        folder = Path(args.output_dir) / "pipeline"
+        save_pipeline(tokenizer, prior_dir, metadata, folder)
+        if args.push_to_hub:
+            GenerationPipeline.from_pretrained(folder).push_to_hub(args.hub_model_id, token=args.hub_token)
     return prior_dir
 
 

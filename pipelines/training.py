@@ -530,9 +530,11 @@ def append_validation_metrics(args: argparse.Namespace, step: int, metrics: dict
 
 
 def export_trained_model(accelerator: Accelerator, model: nn.Module, ema: ExponentialMovingAverage | None,
-                         args: argparse.Namespace, name: str, annotate: Callable[[nn.Module], None]) -> Path:
-    """Save the trained model (EMA weights when kept) to <output_dir>/<name>, push it with --push_to_hub, and end
-    the trackers. `annotate(model)` attaches the run's metadata before saving."""
+                         args: argparse.Namespace, name: str, annotate: Callable[[nn.Module], None],
+                         push: bool = True) -> Path:
+    """Save the trained model (EMA weights when kept) to <output_dir>/<name>, push it with --push_to_hub (unless
+    `push` is False: the caller pushes something else), and end the trackers. `annotate(model)` attaches the run's
+    metadata before saving."""
     accelerator.wait_for_everyone()
     folder = Path(args.output_dir) / name
     if accelerator.is_main_process:
@@ -541,7 +543,7 @@ def export_trained_model(accelerator: Accelerator, model: nn.Module, ema: Expone
             ema.copy_to(trained)
         annotate(trained)
         trained.save_pretrained(folder)
-        if args.push_to_hub:
+        if args.push_to_hub and push:
             trained.push_to_hub(args.hub_model_id, token=args.hub_token)
     accelerator.end_training()
     return folder

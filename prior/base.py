@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
@@ -366,10 +366,17 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
             if os.path.exists(model_id) or model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
                 raise FileNotFoundError(f"{model_id!r} is neither a folder written by save_pretrained nor a Hub "
                                         "repo id like 'user/name'")
-            return hf_hub_download(
-                repo_id=model_id, filename=filename, revision=revision, cache_dir=cache_dir,
-                force_download=force_download, token=token, local_files_only=local_files_only,
-            )
+            try:
+                return hf_hub_download(
+                    repo_id=model_id, filename=filename, revision=revision, cache_dir=cache_dir,
+                    force_download=force_download, token=token, local_files_only=local_files_only,
+                )
+            except LocalEntryNotFoundError as error:
+                raise OSError(
+                    f"could not download {filename} from the Hub repo {model_id!r} (no network or repo not cached): "
+                    f"{error}. Download the repo elsewhere (e.g. `hf download {model_id} --local-dir DIR`), copy the "
+                    "folder here and pass its path instead."
+                ) from error
 
         config_path = resolve(CONFIG_NAME)
         try:

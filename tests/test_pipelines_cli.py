@@ -482,12 +482,51 @@ def test_push_detects_the_folder_kind_and_leaves_visibility_to_the_hub(workdir, 
     tokenizer = tmp_path / "tok"
     shutil.copytree(workdir / "tok" / "tokenizer", tokenizer)
     (tokenizer / "preprocessor_config.json").unlink()  # optional: the folder still loads as a tokenizer
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    missing = RepositoryNotFoundError("no such repo", response=mock.Mock())
     with mock.patch("huggingface_hub.HfApi.create_repo", fake_create_repo), \
-            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
+            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder), \
+            mock.patch("huggingface_hub.HfApi.repo_info", side_effect=missing):
         main(["push", str(tokenizer), "--repo_id", "me/tok"])
         main(["push", str(workdir / "prior" / "prior"), "--repo_id", "me/prior", "--private"])
     assert "preprocessor_config.json" in uploaded["me/tok"] and "training_metrics.json" in uploaded["me/prior"]
     assert created == [None, True]  # no flag: the account's default visibility, not "public"
+
+
+def test_push_private_refuses_an_existing_public_repo(workdir):
+    """create_repo(private=True, exist_ok=True) leaves an existing repo public: the weights went up public."""
+    upload = mock.Mock(return_value="https://hub.example/commit")
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tok")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", upload), \
+            mock.patch("huggingface_hub.HfApi.repo_info", return_value=mock.Mock(private=False)):
+        with pytest.raises(PermissionError, match="already exists and is public: nothing was uploaded"):
+            main(["push", str(workdir / "tok" / "tokenizer"), "--repo_id", "me/tok", "--private"])
+        with pytest.raises(PermissionError, match="already exists and is public"):
+            GenerationPipeline.from_pretrained(workdir / "pipe").push_to_hub("me/pipe", private=True)
+    upload.assert_not_called()
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tok")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", upload), \
+            mock.patch("huggingface_hub.HfApi.repo_info", return_value=mock.Mock(private=True)):
+        main(["push", str(workdir / "tok" / "tokenizer"), "--repo_id", "me/tok", "--private"])
+    upload.assert_called_once()
+
+
+def test_train_prior_push_sends_the_saved_pipeline(workdir, tmp_path):
+    """--push_to_hub pushed the prior alone, before the pipeline was saved: a failed push lost the pipeline too."""
+    pushed = []
+
+    def fake_push(self, repo_id, **kwargs):
+        pushed.append((type(self).__name__, repo_id))
+        raise ConnectionError("Hub unreachable")
+
+    common = ["train-prior", "--tokens_dir", str(workdir / "tokens"), "--prior", "pixelcnn", "--prior_config", "tiny",
+              "--max_train_steps", "1", "--train_batch_size", "8", "--tokenizer", str(workdir / "tok" / "tokenizer"),
+              "--num_validation_samples", "2", "--push_to_hub", "--hub_model_id", "me/digits", *QUIET]
+    with mock.patch.object(GenerationPipeline, "push_to_hub", fake_push), pytest.raises(ConnectionError):
+        main([*common, "--output_dir", str(tmp_path / "run")])
+    assert pushed == [("GenerationPipeline", "me/digits")]
+    assert GenerationPipeline.from_pretrained(tmp_path / "run" / "pipeline").prior.config.prior_type == "pixelcnn"
 
 
 def test_push_uploads_a_hand_written_folder_as_it_is_and_deletes_stale_records(workdir, tmp_path):
@@ -632,3 +671,70 @@ def test_streaming_splits_use_the_source_validation_split_or_hold_out_every_nth_
     assert [row["x"] for row in held["train"]] == [1, 2, 3, 5, 6, 7, 9]
     with pytest.raises(ValueError, match="validation_split"):
         streaming_splits(datasets.IterableDatasetDict({"train": stream(3)}), 1.5)
+
+
+def test_offline_hub_loads_of_priors_and_pipelines_say_what_to_do(monkeypatch):
+    """The tokenizer named the repo and a way out; a prior or pipeline gave huggingface_hub's raw message."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import pipelines.generation as generation
+    import prior.base as prior_base
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(prior_base, "hf_hub_download", offline)
+    monkeypatch.setattr(generation, "snapshot_download", offline)
+    with pytest.raises(OSError, match="config.json from the Hub repo 'me/prior'.*hf download me/prior --local-dir"):
+        load_prior("me/prior")
+    with pytest.raises(OSError, match="pipeline from the Hub repo 'me/pipe'.*hf download me/pipe --local-dir"):
+        GenerationPipeline.from_pretrained("me/pipe")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'torch_dtype'"):
+        GenerationPipeline.from_pretrained("me/pipe", torch_dtype=torch.bfloat16)  # was dropped for a folder
+
+
+def test_generate_checks_its_output_dir_before_sampling(workdir, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with mock.patch.object(GenerationPipeline, "__call__", side_effect=AssertionError("sampled")):
+        with pytest.raises((FileExistsError, NotADirectoryError)):
+            main(["generate", "--pipeline", str(workdir / "pipe"), "--output_dir", str(tmp_path / "a_file" / "gen"),
+                  "--num_images", "2"])
+
+
+def test_unconditional_pipeline_card_usage_runs(workdir, tmp_path):
+    """The card's usage line passed labels=[0] * 8, which an unconditional pipeline refuses."""
+    from pipelines.generation import pipeline_model_card
+
+    tokenizer = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
+    prior = TransformerPrior(TransformerPriorConfig.from_preset("tiny", grid_shape=(8, 8), codebook_size=32))
+    pipe = GenerationPipeline(tokenizer, prior)
+    card = str(pipeline_model_card(pipe, sample_grid=None))
+    assert "images = pipe(8, seed=0).images" in card.splitlines() and "unconditional" in card
+    assert len(pipe(8, seed=0, progress=False).images) == 8  # the line runs (with labels=[0] * 8 it raised)
+
+
+def test_re_saving_a_pipeline_keeps_a_hand_written_card(workdir, tmp_path):
+    from pipelines.generation import replace_saved_pipeline
+
+    pipe = GenerationPipeline.from_pretrained(workdir / "pipe")
+    replace_saved_pipeline(pipe, tmp_path / "pipeline")
+    (tmp_path / "pipeline" / "README.md").write_text("# Digits\n\nMy notes.\n")
+    replace_saved_pipeline(pipe, tmp_path / "pipeline")  # what a resumed train-prior --tokenizer does
+    assert (tmp_path / "pipeline" / "README.md").read_text() == "# Digits\n\nMy notes.\n"
+
+
+def test_push_of_a_bf16_tokenizer_uploads_bf16(workdir, tmp_path):
+    from safetensors import safe_open
+
+    VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer").to(torch.bfloat16).save_pretrained(tmp_path / "tok")
+    dtypes = set()
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        with safe_open(str(Path(folder_path) / "model.safetensors"), "pt") as weights:
+            dtypes.update(weights.get_slice(name).get_dtype() for name in weights.keys())
+        return "https://hub.example/commit"
+
+    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tok")), \
+            mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
+        main(["push", str(tmp_path / "tok"), "--repo_id", "me/tok"])
+    assert "BF16" in dtypes and "F32" not in dtypes
