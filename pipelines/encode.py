@@ -513,12 +513,17 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
         # Earlier versions held out every round(1 / validation_split)-th example, which differs from the exact
         # fraction unless it is 1 / n: shards they wrote must not be resumed with the new split.
         source["holdout"] = "exact-fraction"
+    # A stream without any label column is read with the default name, as earlier versions did, so that shards they
+    # recorded (with label_column "label") resume; the column is simply absent from the batches.
+    train_features = splits["train"].features
+    read_labels_from = label_column if label_column is not None or (train_features is not None and "label" in
+                                                                     train_features) else "label"
     encoded = {}
     for name, stream in splits.items():
         encoded[name] = encode_stream(
             tokenizer, stream, output_dir / name, resolution=args.resolution, batch_size=args.batch_size,
             shard_size=args.shard_size, image_column=image_column,
-            label_column=label_column, strict_data=args.strict_data,
+            label_column=read_labels_from, strict_data=args.strict_data,
             max_samples=args.max_train_samples if name == "train" else None, source=source,
         )
     labelled = all("label" in split.column_names for split in encoded.values())

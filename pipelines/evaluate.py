@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     from torch.utils.data import DataLoader
 
     from tokenizer.losses import LPIPSLoss, lpips_available
+    from tokenizer.losses.perceptual import SMALLEST_INPUT
 
     from .data import collate_images
     from .data._checks import check_positive_int
@@ -171,6 +172,11 @@ def main(argv: list[str] | None = None) -> None:
         fid.feature.to(device)
     if args.resolution is None:
         args.resolution = tokenizer.trained_resolution or DEFAULT_RESOLUTION
+    lpips_skipped = None
+    if perceptual is not None and args.resolution < SMALLEST_INPUT[perceptual.net_name]:
+        lpips_skipped = (f"LPIPS not computed: its {perceptual.net_name} trunk needs images of at least "
+                         f"{SMALLEST_INPUT[perceptual.net_name]} pixels, and --resolution is {args.resolution}")
+        perceptual = None
     apply_training_split_defaults(args, tokenizer)
     # Every split gets the deterministic resize + center crop: no random crops or flips in the train split either.
     datasets, _, source = load_data(args, tokenizer.config.in_channels, augment=False)
@@ -180,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                    seed=args.seed)
     if perceptual is None:
         metrics["lpips"] = None
-        print("LPIPS not computed: the VGG16 trunk is not available locally; pass --lpips_weights PATH",
-              file=sys.stderr)
+        print(lpips_skipped or "LPIPS not computed: the VGG16 trunk is not available locally; pass --lpips_weights "
+              "PATH", file=sys.stderr)
     if fid is None:
         metrics["rfid"] = None
         print(f"rFID not computed: no FID Inception weights at {fid_weights_cache_path()}; pass --fid_weights PATH",

@@ -169,9 +169,11 @@ class GenerationPipeline:
     def from_pretrained(cls, path_or_repo_id: str | Path, *, revision: str | None = None,
                         cache_dir: str | Path | None = None, force_download: bool = False,
                         local_files_only: bool = False, token: str | bool | None = None,
-                        map_location: str | torch.device = "cpu") -> GenerationPipeline:
+                        map_location: str | torch.device = "cpu",
+                        torch_dtype: torch.dtype | str | None = None) -> GenerationPipeline:
         """Load a pipeline folder, or download one from the Hub (JSON and safetensors files only); the Hub options
-        apply to a repo id only. `map_location`: the device both parts are loaded onto."""
+        apply to a repo id only. `map_location`: the device both parts are loaded onto; `torch_dtype`: the
+        tokenizer's, as in `VQTokenizer.from_pretrained` (the prior loads in float32)."""
         folder = Path(path_or_repo_id)
         name = str(path_or_repo_id)
         if not folder.is_dir() and (folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -203,7 +205,7 @@ class GenerationPipeline:
         if version > PIPELINE_FORMAT_VERSION:
             raise ValueError(f"{config_file} has format_version={version!r}; this vqstack reads versions <= "
                              f"{PIPELINE_FORMAT_VERSION}, upgrade vqstack to load it")
-        tokenizer = VQTokenizer.from_pretrained(folder / "tokenizer", map_location=map_location)
+        tokenizer = VQTokenizer.from_pretrained(folder / "tokenizer", map_location=map_location, torch_dtype=torch_dtype)
         prior = load_prior(folder / "prior", map_location=map_location)
         try:
             return cls(tokenizer, prior, class_names=config.get("class_names"))
@@ -215,12 +217,13 @@ class GenerationPipeline:
         """Upload both parts, `pipeline.json`, a sample grid and one model card covering everything.
 
         `private=True` creates a private repo and refuses an existing public one (the Hub would keep it public)."""
-        from .hub import check_private
+        from .hub import create_private_repo
 
         api = HfApi(token=token)
         if private:
-            check_private(api, repo_id)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            repo_id = create_private_repo(api, repo_id)
+        else:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             self.save_pretrained(folder)

@@ -33,7 +33,7 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
     model, stale = _load_folder(folder)
     card = folder / "README.md"
     if private:
-        check_private(HfApi(token=token), repo_id)
+        repo_id = create_private_repo(HfApi(token=token), repo_id)
     if card.is_file() and GENERATED_CARD_MARKER not in card.read_text(errors="replace"):
         api = HfApi(token=token)
         repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -42,19 +42,16 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
     return str(model.push_to_hub(repo_id, token=token, private=private))
 
 
-def check_private(api: HfApi, repo_id: str) -> None:
-    """Refuse to upload into an existing public repo when a private one was asked for: `create_repo(private=True,
-    exist_ok=True)` leaves an existing repo's visibility as it is."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        info = api.repo_info(repo_id, repo_type="model")
-    except RepositoryNotFoundError:
-        return  # created private by the push
-    if not info.private:
-        raise PermissionError(f"--private was given, but the Hub repo {repo_id!r} already exists and is public: "
+def create_private_repo(api: HfApi, repo_id: str) -> str:
+    """Create the private repo `repo_id` (its full id is returned), refusing an existing public one:
+    `create_repo(private=True, exist_ok=True)` leaves an existing repo's visibility as it is. The check reads the
+    id `create_repo` returns, so that a bare name is looked up in the account's own namespace."""
+    repo = api.create_repo(repo_id, private=True, exist_ok=True).repo_id
+    if not api.repo_info(repo, repo_type="model").private:
+        raise PermissionError(f"--private was given, but the Hub repo {repo!r} already exists and is public: "
                               "nothing was uploaded. Make it private on the Hub (or with HfApi.update_repo_settings) "
                               "first, or push to a new repo id")
+    return repo
 
 
 def _load_folder(folder: Path):
@@ -62,7 +59,7 @@ def _load_folder(folder: Path):
     if (folder / "pipeline.json").is_file():
         from .generation import STALE_HUB_FILES, GenerationPipeline
 
-        return GenerationPipeline.from_pretrained(folder), STALE_HUB_FILES
+        return GenerationPipeline.from_pretrained(folder, torch_dtype="auto"), STALE_HUB_FILES
     config = folder / "config.json"
     if config.is_file():
         try:

@@ -519,13 +519,19 @@ def test_class_folders_that_imagefolder_ignores_are_reported(tmp_path):
     with pytest.warns(UserWarning, match=r"class-like subfolders \(train/cat, train/dog\).*same depth"):
         data = load_image_dataset(train_data_dir=str(tmp_path / "kaggle"), cache_dir=str(tmp_path / "cache"))
     assert "label" not in data["train"].column_names
-    for name in ("train/0.png", "train/1.png", "test/0.png"):  # split folders without classes: nothing to report
-        _write_png(tmp_path / "flat" / name, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        load_image_dataset(train_data_dir=str(tmp_path / "flat"), cache_dir=str(tmp_path / "cache"))
+    # Nothing to report: split folders without classes; all images in one subfolder (imagefolder needs two
+    # classes); images that lie at one depth only.
+    layouts = {"flat": ("train/0.png", "train/1.png", "test/0.png"), "single": ("images/0.png", "images/1.png"),
+               "classes": ("cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png")}
+    for layout, names in layouts.items():
+        for name in names:
+            _write_png(tmp_path / layout / name, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_image_dataset(train_data_dir=str(tmp_path / layout), cache_dir=str(tmp_path / "cache"),
+                               validation_split=0.5)
 
 
 def test_a_column_named_image_wins_over_an_earlier_image_column(monkeypatch):

@@ -366,3 +366,19 @@ def test_encode_holds_out_what_the_tokenizer_held_out(tmp_path):
     held_out = load_image_dataset(train_data_dir=str(tmp_path / "images"), seed=3, validation_split=0.2)["validation"]
     expected = tokenizer.encode(tokenizer.image_processor_for(32).preprocess(list(held_out["image"]))).indices
     assert torch.equal(torch.stack(list(tokens["validation"]["indices"])).long(), expected)
+
+
+def test_unlabelled_streams_record_shards_as_earlier_versions_did(tokenizer_dir, tmp_path):
+    """Earlier versions recorded label_column "label" for a stream without labels: its interrupted shards must still
+    resume (a recorded None was refused, and --label_column label then named a missing column)."""
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for index, image in enumerate(images(8)):
+        image.save(folder / f"{index}.png")
+    with failing_save(2, KeyboardInterrupt()), pytest.raises(KeyboardInterrupt):
+        encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens"))
+    shard = tmp_path / "tokens" / "train.shards" / "shard-00000"
+    assert json.loads((shard / encode.PARAMS_NAME).read_text())["label_column"] == "label"
+    encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "tokens"))
+    tokens, metadata = load_token_dataset(tmp_path / "tokens")
+    assert metadata["num_classes"] == 0 and metadata["splits"] == {"train": 6, "validation": 2}

@@ -352,6 +352,20 @@ def test_evaluate_tokenizer_command(workdir, tmp_path, capsys, monkeypatch):
               "--lpips_weights", str(tmp_path / "missing-vgg16.pth")])
 
 
+def test_evaluate_tokenizer_skips_lpips_below_its_smallest_input(workdir, tmp_path, capsys, monkeypatch):
+    """At 8 px the VGG trunk pools the images away: with LPIPS available the whole evaluation failed."""
+    import tokenizer.losses as losses
+    from tokenizer.losses import LPIPSLoss
+
+    monkeypatch.setattr(losses, "lpips_available", lambda **kwargs: True)
+    monkeypatch.setattr(losses, "LPIPSLoss", lambda **kwargs: LPIPSLoss(pnet_rand=True))
+    with pytest.warns(UserWarning, match="randomly initialised trunk"):
+        main(["evaluate-tokenizer", "--tokenizer", str(workdir / "tok" / "tokenizer"), "--dataset", "digits",
+              "--max_batches", "1", "--batch_size", "8", "--resolution", "8", "--output", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["lpips"] is None
+    assert "needs images of at least 16 pixels, and --resolution is 8" in capsys.readouterr().err
+
+
 def test_evaluate_tokenizer_writes_valid_json_for_a_diverged_tokenizer(workdir, tmp_path, capsys):
     broken = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer")
     with torch.no_grad():
@@ -482,16 +496,13 @@ def test_push_detects_the_folder_kind_and_leaves_visibility_to_the_hub(workdir, 
     tokenizer = tmp_path / "tok"
     shutil.copytree(workdir / "tok" / "tokenizer", tokenizer)
     (tokenizer / "preprocessor_config.json").unlink()  # optional: the folder still loads as a tokenizer
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    missing = RepositoryNotFoundError("no such repo", response=mock.Mock())
     with mock.patch("huggingface_hub.HfApi.create_repo", fake_create_repo), \
             mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder), \
-            mock.patch("huggingface_hub.HfApi.repo_info", side_effect=missing):
+            mock.patch("huggingface_hub.HfApi.repo_info", return_value=mock.Mock(private=True)):
         main(["push", str(tokenizer), "--repo_id", "me/tok"])
         main(["push", str(workdir / "prior" / "prior"), "--repo_id", "me/prior", "--private"])
     assert "preprocessor_config.json" in uploaded["me/tok"] and "training_metrics.json" in uploaded["me/prior"]
-    assert created == [None, True]  # no flag: the account's default visibility, not "public"
+    assert created[0] is None and set(created[1:]) == {True}  # no flag: the account's default, not "public"
 
 
 def test_push_private_refuses_an_existing_public_repo(workdir):
@@ -726,15 +737,21 @@ def test_re_saving_a_pipeline_keeps_a_hand_written_card(workdir, tmp_path):
 def test_push_of_a_bf16_tokenizer_uploads_bf16(workdir, tmp_path):
     from safetensors import safe_open
 
-    VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer").to(torch.bfloat16).save_pretrained(tmp_path / "tok")
-    dtypes = set()
+    half = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer").to(torch.bfloat16).eval()
+    half.save_pretrained(tmp_path / "tok")
+    GenerationPipeline(half, load_prior(workdir / "prior" / "prior")).save_pretrained(tmp_path / "pipe")
+    dtypes = {}
 
     def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
-        with safe_open(str(Path(folder_path) / "model.safetensors"), "pt") as weights:
-            dtypes.update(weights.get_slice(name).get_dtype() for name in weights.keys())
+        weights_file = next(p for p in (Path(folder_path) / "tokenizer" / "model.safetensors",
+                                        Path(folder_path) / "model.safetensors") if p.is_file())
+        with safe_open(str(weights_file), "pt") as weights:
+            dtypes[repo_id] = {weights.get_slice(name).get_dtype() for name in weights.keys()}
         return "https://hub.example/commit"
 
-    with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tok")), \
+    with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=lambda repo_id, **k: mock.Mock(repo_id=repo_id)), \
             mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
         main(["push", str(tmp_path / "tok"), "--repo_id", "me/tok"])
-    assert "BF16" in dtypes and "F32" not in dtypes
+        main(["push", str(tmp_path / "pipe"), "--repo_id", "me/pipe"])
+    for repo_id in ("me/tok", "me/pipe"):
+        assert "BF16" in dtypes[repo_id] and "F32" not in dtypes[repo_id], repo_id

@@ -84,7 +84,7 @@ def test_processor_errors_and_persistence(tmp_path):
     with pytest.raises(ValueError, match="images is empty"):
         processor.preprocess([])
     with pytest.raises(TypeError, match="uint8"):
-        processor.preprocess(torch.zeros(3, 8, 8))
+        processor.preprocess(torch.zeros(3, 8, 8, dtype=torch.int16))  # float tensors in [0, 1] are taken
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
         VQImageProcessor(channels=2)
     with pytest.raises(ValueError, match="output_type"):

@@ -6,6 +6,7 @@ same columns: ``"image"`` (decoded PIL) and, when the source has labels, ``"labe
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -174,29 +175,43 @@ def _load_image_folder(train_data_dir: str, cache_dir: str | None) -> datasets.D
         raise ValueError(f"no image files found under train_data_dir={train_data_dir!r} (looked for the extensions "
                          "datasets' imagefolder reads, e.g. .png, .jpg, .jpeg, .webp, .bmp)") from error
     if not any("label" in (split.features or {}) for split in raw.values()):
-        classes = _class_like_folders(Path(train_data_dir))
+        classes = _ignored_class_folders(Path(train_data_dir))
         if classes:
             warnings.warn(
                 f"train_data_dir={train_data_dir!r} has class-like subfolders ({', '.join(classes[:5])}"
                 f"{', ...' if len(classes) > 5 else ''}) but datasets' imagefolder gave no labels: it infers them only "
                 "when every image file lies at the same depth (class folders, optionally inside train/validation/test "
-                "folders). The images are used unlabelled; move loose image files into class folders for labels.",
-                stacklevel=3)
+                "folders), and some lie at another depth here. The images are used unlabelled; move the other image "
+                "files into class folders for labels.", stacklevel=3)
     return raw
 
 
-def _class_like_folders(root: Path) -> list[str]:
-    """Folders (up to two levels down, split folders such as train/ or test/ aside) that hold image files."""
+IMAGEFOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+def _ignored_class_folders(root: Path) -> list[str]:
+    """Class-like folders (up to two levels down, split folders such as train/ or test/ aside, that hold image
+    files) when there are at least two and other image files lie at another depth: the layout in which datasets'
+    imagefolder silently drops its class labels. Empty otherwise, and when a metadata file describes the folder."""
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
     extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
     split_names = {"train", "training", *VALIDATION_SPLIT_CANDIDATES}
-    found = []
-    for folder in sorted(p for p in root.glob("*/") if p.is_dir()):
-        for candidate in ([folder] if folder.name.lower() not in split_names else []) + sorted(folder.glob("*/")):
-            if candidate.is_dir() and any(f.suffix.lower() in extensions for f in candidate.iterdir() if f.is_file()):
-                found.append(str(candidate.relative_to(root)))
-    return found
+    depths: set[int] = set()
+    classes = []
+    for directory, subdirectories, files in os.walk(root):
+        relative = Path(directory).relative_to(root)
+        depth = len(relative.parts)
+        if any(name in IMAGEFOLDER_METADATA for name in files):
+            return []  # labels, if any, come from the metadata file
+        has_images = any(Path(name).suffix.lower() in extensions for name in files)
+        if has_images:
+            depths.add(depth)
+            if 1 <= depth <= 2 and relative.name.lower() not in split_names:
+                classes.append(str(relative))
+        if depth >= 3:
+            subdirectories.clear()  # deep enough to tell depths apart; large trees are not walked to the end
+    return sorted(classes) if len(classes) >= 2 and len(depths) > 1 else []
 
 
 def _pick_splits(raw: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -391,10 +406,4 @@ def decode_checked(value: dict | None) -> tuple[Any, str | None]:
                       "before loading")
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct/zlib errors...
         return None, f"{type(error).__name__}: {error}"
-    return image, None  # a missing image: decode_example returns None for it instead of raising
-    try:
-        # `decode_example` opens paths, bytes and remote/archived files alike, then calls `Image.load()`, which
-        # reads every pixel: unlike `Image.verify()`, it also catches files truncated after a valid header.
-        return datasets.Image().decode_example(value)
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError, struct/zlib errors... all mean unreadable
-        return None
+    return image, None
