@@ -700,8 +700,8 @@ def test_offline_hub_loads_of_priors_and_pipelines_say_what_to_do(monkeypatch):
         load_prior("me/prior")
     with pytest.raises(OSError, match="pipeline from the Hub repo 'me/pipe'.*hf download me/pipe --local-dir"):
         GenerationPipeline.from_pretrained("me/pipe")
-    with pytest.raises(TypeError, match="unexpected keyword argument 'torch_dtype'"):
-        GenerationPipeline.from_pretrained("me/pipe", torch_dtype=torch.bfloat16)  # was dropped for a folder
+    with pytest.raises(TypeError, match="unexpected keyword argument 'map_loaction'"):
+        GenerationPipeline.from_pretrained("me/pipe", map_loaction="cpu")  # was dropped silently for a folder
 
 
 def test_generate_checks_its_output_dir_before_sampling(workdir, tmp_path):
