@@ -55,8 +55,8 @@ def _save(dataset: datasets.Dataset, path: Path) -> None:
 def _merge_shards(shard_root: Path, num_shards: int, output_dir: Path, params: dict[str, Any] | None) -> None:
     """Concatenate the (memory-mapped) shards into `output_dir` atomically, then delete the shards.
 
-    `params` (with the data's fingerprint), when given, is recorded in the merged split, so that a rerun on the
-    same data skips a split that is already finished.
+    `params` (with the data's fingerprint, for a dataset), when given, is recorded in the merged split: a rerun on
+    the same data skips a split that is already finished, and `train-prior --tokenizer` checks the tokenizer.
     """
     shards = [datasets.load_from_disk(str(shard_root / f"shard-{i:05d}")) for i in range(num_shards)]
     temporary = output_dir.with_name(output_dir.name + ".tmp")
@@ -258,7 +258,9 @@ def encode_stream(tokenizer: VQTokenizer, stream: datasets.IterableDataset, outp
                        "instead.", len(skipped), skipped[0])
     if index == 0:
         raise ValueError("the stream yielded no examples")
-    _merge_shards(shard_root, index, output_dir, None)
+    # Recorded like an encoded dataset's splits, so that `train-prior --tokenizer` can check the tokenizer (a stream
+    # has no fingerprint, so a rerun never takes the split for finished).
+    _merge_shards(shard_root, index, output_dir, params)
     return datasets.load_from_disk(str(output_dir))
 
 

@@ -108,6 +108,8 @@ def test_streaming_max_train_samples_caps_the_train_split(tokenizer_dir, tmp_pat
     tokens, metadata = load_token_dataset(tmp_path / "tokens")
     assert metadata["splits"] == {"train": 5, "validation": 3}
     assert len(tokens["train"]) == 5
+    # recorded like an encoded dataset's, so that train-prior --tokenizer can refuse another tokenizer
+    assert metadata["tokenizer_sha256"] == encode.tokenizer_digest(VQTokenizer.from_pretrained(tokenizer_dir))
 
 
 def test_streaming_resume_with_another_cap_is_refused(tokenizer_dir, tmp_path):
