@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from prior import Prior, load_prior
 from tokenizer import VQTokenizer
 from tokenizer.model_card import GENERATED_CARD_MARKER, remove_generated_card
+from tokenizer.weights import hub_unreachable_error
 
 from .images import image_grid, save_image
 from .training import cpu_only_multiprocess
@@ -185,11 +186,7 @@ class GenerationPipeline:
                     name, allow_patterns=["*.json", "*.safetensors", "*.md"], revision=revision, cache_dir=cache_dir,
                     force_download=force_download, local_files_only=local_files_only, token=token))
             except LocalEntryNotFoundError as error:
-                raise OSError(
-                    f"could not download the pipeline from the Hub repo {name!r} (no network or repo not cached): "
-                    f"{error}. Download the repo elsewhere (e.g. `hf download {name} --local-dir DIR`), copy the "
-                    "folder here and pass its path instead."
-                ) from error
+                raise hub_unreachable_error(name, "the pipeline", error) from error
         config_file = folder / PIPELINE_CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"{path_or_repo_id} has no {PIPELINE_CONFIG_NAME}: it is not a saved pipeline")

@@ -41,15 +41,18 @@ def resolve_file(model_id: str, filename: str, *, required: bool = True, **hub_k
     except LocalEntryNotFoundError as error:
         if not required:
             return None
-        raise OSError(
-            f"could not download {filename} from the Hub repo {model_id!r} (no network or repo not cached): "
-            f"{error}. Download the repo elsewhere (e.g. `hf download {model_id} --local-dir DIR`), copy the folder "
-            "here and pass its path instead."
-        ) from error
+        raise hub_unreachable_error(model_id, filename, error) from error
     except EntryNotFoundError:
         if required:
             raise FileNotFoundError(f"{filename} not found in Hub repo {model_id!r}") from None
         return None
+
+
+def hub_unreachable_error(repo_id: str, what: str, error: BaseException) -> OSError:
+    """The error for a download from the Hub repo `repo_id` that found neither the network nor a cached copy."""
+    return OSError(f"could not download {what} from the Hub repo {repo_id!r} (no network or repo not cached): "
+                   f"{error}. Download the repo elsewhere (e.g. `hf download {repo_id} --local-dir DIR`), copy the "
+                   "folder here and pass its path instead.")
 
 
 def write_file_atomically(path: str | Path, data: bytes | str) -> None:
