@@ -32,7 +32,14 @@ from tokenizer import VQImageProcessor, VQTokenizer
 from tokenizer.weights import write_file_atomically
 
 from .data._checks import check_positive_int
-from .data.sources import DEFAULT_RESOLUTION, DEFAULT_VALIDATION_SPLIT
+from .data.sources import (
+    DEFAULT_RESOLUTION,
+    DEFAULT_VALIDATION_SPLIT,
+    MISSING_LABELS,
+    _find_columns,
+    _pick_splits,
+    decode_checked,
+)
 from .training import cpu_only_multiprocess
 
 logger = logging.getLogger(__name__)
@@ -272,9 +279,7 @@ def _stream_label_feature(stream: datasets.IterableDataset, label_column: str | 
 
 
 def _label_id(value: Any, column: str) -> int:
-    from .data.sources import MISSING_LABELS
-
-    if _is_missing_label(value, MISSING_LABELS):
+    if _is_missing_label(value):
         raise ValueError(f"an example of the labelled stream has no label ({column!r}: {value!r}); label or remove "
                          "it (unlabelled examples are refused in labelled data, as without --streaming)")
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
@@ -292,8 +297,6 @@ def _readable_only(stream: datasets.IterableDataset, image_column: str, *,
     Left as it is when the column is not an `Image` feature: its own loader decodes it, and a broken example
     raises while the stream is read.
     """
-    from .data.sources import decode_checked
-
     skipped: list = []
     if not _is_image_column(stream, image_column):
         return stream, skipped
@@ -511,7 +514,7 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
     splits = streaming_splits(raw, args.validation_split, label_column)
     label_feature = _stream_label_feature(splits["train"], label_column)
     source = _source_params(args)
-    if Fraction(args.validation_split).limit_denominator(1_000_000).numerator != 1:
+    if _holdout_fraction(args.validation_split).numerator != 1:
         # Earlier versions held out every round(1 / validation_split)-th example, which differs from the exact
         # fraction unless it is 1 / n: shards they wrote must not be resumed with the new split.
         source["holdout"] = "exact-fraction"
@@ -546,8 +549,6 @@ def _stream_columns(raw: datasets.IterableDatasetDict, image_column: str | None,
     """The image and label columns of a stream, found from its declared features as for a dataset loaded whole
     (`_find_columns`: the Image column, "label" or "labels"); a stream that declares none falls back to "image" and
     "label", checked when it is read."""
-    from .data.sources import _find_columns, _pick_splits
-
     train, _ = _pick_splits(raw)
     if train.features is None:
         return image_column or "image", label_column or "label"
@@ -558,22 +559,20 @@ def _unless_unlabelled(raw: datasets.IterableDatasetDict, label_column: str | No
     """`label_column`, or None when the training stream's first example has no label: the stream is then
     encoded unlabelled, as a dataset loaded whole whose labels are all missing is (a stream cannot be read to the
     end first to check them all; a later example with a label is ignored, and the warning says so)."""
-    from .data.sources import MISSING_LABELS, _pick_splits
-
     if label_column is None:
         return None
     train, _ = _pick_splits(raw)
     first = next(iter(train.take(1)), None)
     value = None if first is None else first.get(label_column)
-    if first is not None and _is_missing_label(value, MISSING_LABELS):
+    if first is not None and _is_missing_label(value):
         warnings.warn(f"the training stream's first example has no label ({label_column!r}: {value!r}): the stream is "
                       "encoded as unlabelled and its label column is ignored", stacklevel=3)
         return None
     return label_column
 
 
-def _is_missing_label(value: Any, missing: set) -> bool:
-    return isinstance(value, (int, np.integer, str, type(None))) and not isinstance(value, bool) and value in missing
+def _is_missing_label(value: Any) -> bool:
+    return isinstance(value, (int, np.integer, str, type(None))) and not isinstance(value, bool) and value in MISSING_LABELS
 
 
 def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float,
@@ -586,8 +585,6 @@ def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float,
     (positions 0, n, 2n, ... for validation_split = 1 / n). Membership depends only on an example's position, so
     a resumed run splits the same way without reading the stream ahead.
     """
-    from .data.sources import MISSING_LABELS, _pick_splits
-
     if not 0.0 < validation_split < 1.0:
         raise ValueError(f"validation_split must lie strictly between 0 and 1, got {validation_split}")
     train, validation = _pick_splits(raw)
@@ -604,11 +601,15 @@ def streaming_splits(raw: datasets.IterableDatasetDict, validation_split: float,
             validation = None
     if validation is not None:
         return {"train": train, "validation": validation}
-    held_out = partial(_held_out, fraction=Fraction(validation_split).limit_denominator(1_000_000))
+    held_out = partial(_held_out, fraction=_holdout_fraction(validation_split))
     return {
         "train": train.filter(lambda _, index: not held_out(index), with_indices=True),
         "validation": train.filter(lambda _, index: held_out(index), with_indices=True),
     }
+
+
+def _holdout_fraction(validation_split: float) -> Fraction:
+    return Fraction(validation_split).limit_denominator(1_000_000)
 
 
 def _held_out(index: int, fraction: Fraction) -> bool:

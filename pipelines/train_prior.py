@@ -173,20 +173,21 @@ def train_prior(args: argparse.Namespace) -> Path:
     # that fails at the end of the run must not cost the saved pipeline.
     prior_dir = export_trained_model(accelerator, model, ema, args, "prior", annotate, push=tokenizer is None)
     if tokenizer is not None and accelerator.is_main_process:
-        folder = Path(args.output_dir) / "pipeline"
-        save_pipeline(tokenizer, prior_dir, metadata, folder)
+        pipeline = save_pipeline(tokenizer, prior_dir, metadata, Path(args.output_dir) / "pipeline")
         if args.push_to_hub:
-            GenerationPipeline.from_pretrained(folder).push_to_hub(args.hub_model_id, token=args.hub_token)
+            pipeline.push_to_hub(args.hub_model_id, token=args.hub_token)
     return prior_dir
 
 
-def save_pipeline(tokenizer, prior_dir: Path, metadata: dict, folder: Path) -> None:
+def save_pipeline(tokenizer, prior_dir: Path, metadata: dict, folder: Path) -> GenerationPipeline:
     """Join `tokenizer` and the prior saved in `prior_dir` into a generation pipeline (class names from the token
-    metadata) at `folder`, replacing an older one in one rename."""
+    metadata) at `folder`, replacing an older one in one rename; returns the pipeline."""
     prior = load_prior(prior_dir)
     class_names = metadata.get("class_names") if prior.config.num_classes else None  # None for --unconditional
-    replace_saved_pipeline(GenerationPipeline(tokenizer.cpu(), prior, class_names=class_names), folder)
+    pipeline = GenerationPipeline(tokenizer.cpu(), prior, class_names=class_names)
+    replace_saved_pipeline(pipeline, folder)
     logger.info("saved the tokenizer and the prior as a generation pipeline in %s", folder)
+    return pipeline
 
 
 def _train_micro_step(accelerator, model, optimizer, scheduler, batch, args, guard) -> float | None:
