@@ -18,6 +18,7 @@ from tokenizer import VQTokenizer, VQTokenizerConfig
 from tokenizer.losses import NLayerDiscriminator, VQGANLoss, VQGANLossConfig
 from tokenizer.losses.perceptual import SMALLEST_INPUT
 
+from .checkpointing import resolve_resume
 from .data import collate_images, infer_channels, load_image_dataset, set_image_transforms
 from .data.sources import DEFAULT_RESOLUTION, DEFAULT_VALIDATION_SPLIT
 from .evaluate import evaluate_tokenizer
@@ -37,6 +38,7 @@ from .training import (
     make_scheduler,
     maybe_resume,
     progress_bar,
+    recorded_flags,
     run_training_steps,
     training_dataloader,
     unwrap_float32,
@@ -94,18 +96,34 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_validation_batches", type=int, default=8)
 
 
-def build_tokenizer_config(args: argparse.Namespace, in_channels: int) -> VQTokenizerConfig:
-    overrides = {"in_channels": args.in_channels or in_channels}
+def build_tokenizer_config(args: argparse.Namespace, in_channels: int, quantizer_seed: int = 0) -> VQTokenizerConfig:
+    """The --config preset or JSON file with the flags' overrides, and `quantizer_seed` as the quantizer's seed."""
+    overrides = {"in_channels": args.in_channels or in_channels, "quantizer": {"seed": quantizer_seed}}
     if args.codebook_size is not None:
-        overrides["quantizer"] = {"codebook_size": args.codebook_size}
+        overrides["quantizer"]["codebook_size"] = args.codebook_size
     if Path(args.config).suffix == ".json":
         data = VQTokenizerConfig.from_json_file(args.config).to_dict()
         data.pop("config_version")
         data.update({k: v for k, v in overrides.items() if k != "quantizer"})
-        if "quantizer" in overrides:
-            data["quantizer"] = {**data["quantizer"], **overrides["quantizer"]}
+        data["quantizer"] = {**data["quantizer"], **overrides["quantizer"]}
         return VQTokenizerConfig.from_dict(data, source=args.config)
     return VQTokenizerConfig.from_preset(args.config, **overrides)
+
+
+def resolve_quantizer_seed(args: argparse.Namespace) -> int:
+    """The seed of the quantizer's own generators (k-means seeding, dead-code restart samples): --seed.
+
+    A resumed run keeps the one its checkpoint was trained with. Checkpoints record it among their flags (as
+    `quantizer_seed`); one written before they did comes from a run whose quantizer used seed 0.
+    """
+    path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if path is None:
+        return args.seed
+    flags = recorded_flags(path)
+    if flags is None or "quantizer_seed" not in flags:
+        logger.info("checkpoint %s predates --seed seeding the quantizer: its quantizer seed 0 is kept", path)
+        return 0
+    return args.seed
 
 
 def check_loss_args(args: argparse.Namespace) -> None:
@@ -163,7 +181,8 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
     accelerator = make_accelerator(args)
     with accelerator.main_process_first():
         datasets, channels, source = load_data(args, args.in_channels)
-    config = build_tokenizer_config(args, channels)
+    args.quantizer_seed = resolve_quantizer_seed(args)  # recorded with the checkpoints' flags
+    config = build_tokenizer_config(args, channels, args.quantizer_seed)
     model = VQTokenizer(config)
     loss_fn = VQGANLoss(VQGANLossConfig(
         l1_weight=args.l1_weight, l2_weight=args.l2_weight, perceptual_weight=args.perceptual_weight,

@@ -372,12 +372,26 @@ def _recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(json.dumps(flags, default=str))  # as written and read back
 
 
+def recorded_flags(path: Path) -> dict[str, Any] | None:
+    """The flags a checkpoint was written with (None for a checkpoint written before they were recorded)."""
+    state_path = path / TRAINING_STATE_NAME
+    try:
+        return json.loads(state_path.read_text()).get("flags")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} has no {TRAINING_STATE_NAME}: not a complete vqstack checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{state_path} is not valid JSON: {error}") from error
+
+
 def _warn_changed_flags(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
     """A resume continues the run exactly only with the flags that wrote the checkpoint: name any that differ."""
     if saved is None:  # a checkpoint written before the flags were recorded
         return
     if "max_train_steps" not in saved and saved.get("lr_scheduler") == current.get("lr_scheduler"):
         current = {name: value for name, value in current.items() if name != "max_train_steps"}  # not recorded then
+    # Derived from --seed and the checkpoint (see train_tokenizer), not a flag: a change of --seed is named as such.
+    saved, current = ({name: value for name, value in flags.items() if name != "quantizer_seed"}
+                      for flags in (saved, current))
     changed = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
     if changed:
         logger.warning("resuming from %s with flags other than the run that wrote it: %s. The run continues with the "

@@ -518,3 +518,27 @@ def test_a_resolution_too_small_for_lpips_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="--resolution 8 is too small for the LPIPS loss"):
         run(["--dataset", "digits", "--output_dir", str(tmp_path / "run"), "--resolution", "8", *TINY,
              "--perceptual_weight", "1"])
+
+
+def test_seed_also_seeds_the_quantizer_and_a_resume_keeps_the_checkpoints(tmp_path, caplog):
+    """--seed seeds the quantizer's k-means and restart draws too; a checkpoint written before it did (no
+    recorded quantizer_seed) came from a run whose quantizer used seed 0, and its resume keeps 0."""
+    common = ["--dataset", "digits", "--max_train_samples", "16", "--validation_steps", "100",
+              "--output_dir", str(tmp_path / "run"), *TINY]  # TINY has --seed 3
+    exported = run(["--max_train_steps", "1", *common])
+    assert json.loads((exported / "config.json").read_text())["quantizer"]["seed"] == 3
+    state_path = tmp_path / "run" / "checkpoint-1" / "training_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["flags"]["quantizer_seed"] == 3
+    with caplog.at_level("WARNING", logger="pipelines.training"):
+        exported = run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", *common])
+    assert json.loads((exported / "config.json").read_text())["quantizer"]["seed"] == 3
+    assert "flags other than" not in caplog.text
+
+    del state["flags"]["quantizer_seed"]  # as written before the seed was recorded
+    state_path.write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")
+    with caplog.at_level("WARNING", logger="pipelines.training"):
+        exported = run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", *common])
+    assert json.loads((exported / "config.json").read_text())["quantizer"]["seed"] == 0
+    assert "flags other than" not in caplog.text
