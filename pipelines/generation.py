@@ -174,7 +174,7 @@ class GenerationPipeline:
                         torch_dtype: torch.dtype | str | None = None) -> GenerationPipeline:
         """Load a pipeline folder, or download one from the Hub (JSON and safetensors files only); the Hub options
         apply to a repo id only. `map_location`: the device both parts are loaded onto; `torch_dtype`: the
-        tokenizer's, as in `VQTokenizer.from_pretrained` (the prior loads in float32)."""
+        precision of both, as in `VQTokenizer.from_pretrained` ("auto": each part in the one it was saved in)."""
         folder = Path(path_or_repo_id)
         name = str(path_or_repo_id)
         if not folder.is_dir() and (folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -203,7 +203,7 @@ class GenerationPipeline:
             raise ValueError(f"{config_file} has format_version={version!r}; this vqstack reads versions <= "
                              f"{PIPELINE_FORMAT_VERSION}, upgrade vqstack to load it")
         tokenizer = VQTokenizer.from_pretrained(folder / "tokenizer", map_location=map_location, torch_dtype=torch_dtype)
-        prior = load_prior(folder / "prior", map_location=map_location)
+        prior = load_prior(folder / "prior", map_location=map_location, torch_dtype=torch_dtype)
         try:
             return cls(tokenizer, prior, class_names=config.get("class_names"))
         except ValueError as error:

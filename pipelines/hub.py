@@ -70,7 +70,7 @@ def _load_folder(folder: Path):
             from prior import load_prior
             from prior.base import TRAINING_METRICS_NAME
 
-            return load_prior(folder), [TRAINING_METRICS_NAME]
+            return load_prior(folder, torch_dtype="auto"), [TRAINING_METRICS_NAME]
         from tokenizer import VQTokenizer
         from tokenizer.modeling import TRAINING_INFO_NAME
 

@@ -327,9 +327,12 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
         local_files_only: bool = False,
         revision: str | None = None,
         map_location: str | torch.device = "cpu",
+        torch_dtype: torch.dtype | str | None = None,
     ) -> Prior:
         """Load a prior saved by `save_pretrained` from a folder or a Hub repo id, strictly.
 
+        `torch_dtype`: None keeps float32 whatever the file holds, "auto" the floating dtype the weights were saved
+        in, or a floating torch dtype to cast to (as `.to(dtype)`).
         Called on `Prior` itself it builds whatever `prior_type` the config names (like `load_prior`).
         ModelHubMixin's own `from_pretrained` is bypassed on purpose: it decodes config.json by dropping unknown
         keys, whereas a prior's config is checked strictly in `_from_pretrained`.
@@ -342,6 +345,7 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
             local_files_only=local_files_only,
             token=token,
             map_location=map_location,
+            torch_dtype=torch_dtype,
         )
 
     @classmethod
@@ -355,8 +359,13 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
         local_files_only: bool,
         token: str | bool | None,
         map_location: str | torch.device = "cpu",
+        torch_dtype: torch.dtype | str | None = None,
         **unused: Any,
     ) -> Prior:
+        if not (torch_dtype is None or torch_dtype == "auto"
+                or (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point)):
+            raise ValueError(f"torch_dtype must be None, 'auto' or a floating torch dtype, got {torch_dtype!r}")
+
         def resolve(filename: str) -> str:
             if os.path.isdir(model_id):
                 path = os.path.join(model_id, filename)
@@ -392,12 +401,17 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
                 f"for {model_class.__name__} (use prior.load_prior to load any prior)"
             )
         model = model_class(config)
-        model.load_state_dict_strict(resolve(WEIGHTS_NAME))
+        saved_dtype = model.load_state_dict_strict(resolve(WEIGHTS_NAME))
         model.training_metrics = _read_training_metrics(model_id, resolve)
-        return model.to(map_location).eval()
+        model = model.to(map_location)
+        dtype = saved_dtype if torch_dtype == "auto" else torch_dtype
+        if dtype is not None and dtype != torch.float32:
+            model = model.to(dtype)
+        return model.eval()
 
-    def load_state_dict_strict(self, weights_path: str | Path) -> None:
-        """Load `model.safetensors`; every tensor must exist, be expected, and match in shape."""
+    def load_state_dict_strict(self, weights_path: str | Path) -> torch.dtype | None:
+        """Load `model.safetensors`; every tensor must exist, be expected, and match in shape. Returns the floating
+        dtype that most of the file's weights are stored in (None if it holds no floating tensor)."""
         try:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError) as error:
@@ -423,6 +437,11 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
                 f"missing {missing}, unexpected {unexpected}, mis-shaped {mis_shaped}, wrong dtype {mistyped}"
             )
         self.load_state_dict(state, strict=True)
+        elements: dict[torch.dtype, int] = {}
+        for tensor in state.values():
+            if tensor.is_floating_point():
+                elements[tensor.dtype] = elements.get(tensor.dtype, 0) + tensor.numel()
+        return max(elements, key=elements.__getitem__, default=None)
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """Model card listing prior type, grid shape, K, classes, parameters and training metrics if set."""

@@ -734,24 +734,28 @@ def test_re_saving_a_pipeline_keeps_a_hand_written_card(workdir, tmp_path):
     assert (tmp_path / "pipeline" / "README.md").read_text() == "# Digits\n\nMy notes.\n"
 
 
-def test_push_of_a_bf16_tokenizer_uploads_bf16(workdir, tmp_path):
+def test_push_of_a_bf16_tokenizer_or_prior_uploads_bf16(workdir, tmp_path):
     from safetensors import safe_open
 
     half = VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer").to(torch.bfloat16).eval()
     half.save_pretrained(tmp_path / "tok")
-    GenerationPipeline(half, load_prior(workdir / "prior" / "prior")).save_pretrained(tmp_path / "pipe")
+    half_prior = load_prior(workdir / "prior" / "prior").to(torch.bfloat16)
+    half_prior.save_pretrained(tmp_path / "prior")
+    GenerationPipeline(half, half_prior).save_pretrained(tmp_path / "pipe")
     dtypes = {}
 
     def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
-        weights_file = next(p for p in (Path(folder_path) / "tokenizer" / "model.safetensors",
-                                        Path(folder_path) / "model.safetensors") if p.is_file())
-        with safe_open(str(weights_file), "pt") as weights:
-            dtypes[repo_id] = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+        for weights_file in sorted(Path(folder_path).rglob("model.safetensors")):
+            with safe_open(str(weights_file), "pt") as weights:
+                part = f"{repo_id}:{weights_file.parent.name}"
+                dtypes[part] = {weights.get_slice(name).get_dtype() for name in weights.keys()}
         return "https://hub.example/commit"
 
     with mock.patch("huggingface_hub.HfApi.create_repo", side_effect=lambda repo_id, **k: mock.Mock(repo_id=repo_id)), \
             mock.patch("huggingface_hub.HfApi.upload_folder", fake_upload_folder):
         main(["push", str(tmp_path / "tok"), "--repo_id", "me/tok"])
+        main(["push", str(tmp_path / "prior"), "--repo_id", "me/prior"])
         main(["push", str(tmp_path / "pipe"), "--repo_id", "me/pipe"])
-    for repo_id in ("me/tok", "me/pipe"):
-        assert "BF16" in dtypes[repo_id] and "F32" not in dtypes[repo_id], repo_id
+    assert sorted(dtypes) == ["me/pipe:prior", "me/pipe:tokenizer", "me/prior:prior", "me/tok:tok"]
+    for part, found in dtypes.items():
+        assert "BF16" in found and "F32" not in found, part

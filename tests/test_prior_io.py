@@ -243,3 +243,22 @@ def test_push_to_hub_uploads_weights_config_and_card(prior, monkeypatch):
     for expected in (f"`{prior.prior_type}`", "4 x 4", "| codebook size K | 16 |", "| classes | 3 |",
                      f"{prior.num_parameters():,}", "val_bits_per_token", "3.25"):
         assert expected in card, expected
+
+
+def test_torch_dtype_auto_keeps_the_saved_precision(prior, tmp_path):
+    """A bf16 prior loaded (and so pushed by `vqstack push`) as float32 weights twice its size."""
+    prior.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values() if t.is_floating_point()} \
+        == {torch.bfloat16}
+    default = load_prior(tmp_path / "bf16")
+    auto = load_prior(tmp_path / "bf16", torch_dtype="auto")
+    cast = type(prior).from_pretrained(tmp_path / "bf16", torch_dtype=torch.float16)
+    assert {p.dtype for p in default.parameters()} == {torch.float32}
+    assert {p.dtype for p in auto.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in cast.parameters()} == {torch.float16}
+    indices, labels = torch.randint(0, 16, (2, 4, 4)), [1, 2]
+    torch.testing.assert_close(auto(indices, labels).logits, prior(indices, labels).logits, rtol=0, atol=0)
+    sample = auto.sample(2, labels=[0, 2], top_k=5, generator=torch.Generator().manual_seed(0))
+    assert sample.shape == (2, 4, 4) and sample.dtype == torch.long
+    with pytest.raises(ValueError, match="torch_dtype must be"):
+        load_prior(tmp_path / "bf16", torch_dtype=torch.int8)
