@@ -520,9 +520,9 @@ def _encode_streaming(args: argparse.Namespace, tokenizer: VQTokenizer) -> None:
         source["holdout"] = "exact-fraction"
     # A stream without any label column is read with the default name, as earlier versions did, so that shards they
     # recorded (with label_column "label") resume; the column is simply absent from the batches.
-    train_features = splits["train"].features
-    read_labels_from = label_column if label_column is not None or (train_features is not None and "label" in
-                                                                     train_features) else "label"
+    features = splits["train"].features
+    has_label_column = features is not None and "label" in features
+    read_labels_from = "label" if label_column is None and not has_label_column else label_column
     encoded = {}
     for name, stream in splits.items():
         encoded[name] = encode_stream(

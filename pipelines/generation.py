@@ -214,13 +214,10 @@ class GenerationPipeline:
         """Upload both parts, `pipeline.json`, a sample grid and one model card covering everything.
 
         `private=True` creates a private repo and refuses an existing public one (the Hub would keep it public)."""
-        from .hub import create_private_repo
+        from .hub import create_repo
 
         api = HfApi(token=token)
-        if private:
-            repo_id = create_private_repo(api, repo_id)
-        else:
-            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        repo_id = create_repo(api, repo_id, private)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             self.save_pretrained(folder)

@@ -38,7 +38,7 @@ from .training import (
     make_scheduler,
     maybe_resume,
     progress_bar,
-    recorded_flags,
+    read_training_state,
     run_training_steps,
     training_dataloader,
     unwrap_float32,
@@ -119,7 +119,7 @@ def resolve_quantizer_seed(args: argparse.Namespace) -> int:
     path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
     if path is None:
         return args.seed
-    flags = recorded_flags(path)
+    flags = read_training_state(path).get("flags")
     if flags is None or "quantizer_seed" not in flags:
         logger.info("checkpoint %s predates --seed seeding the quantizer: its quantizer seed 0 is kept", path)
         return 0

@@ -334,7 +334,7 @@ def maybe_resume(accelerator: Accelerator, args: argparse.Namespace, guard: NonF
     if path is None:
         return 0
     accelerator.load_state(str(path))
-    state = json.loads((path / TRAINING_STATE_NAME).read_text())
+    state = read_training_state(path)
     for name, obj in extra_state.items():
         # read on the CPU: safetensors refuses accelerate's "cpu:0" device of CPU multi-process runs;
         # load_state_dict copies the values onto the module's own device
@@ -372,11 +372,12 @@ def _recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(json.dumps(flags, default=str))  # as written and read back
 
 
-def recorded_flags(path: Path) -> dict[str, Any] | None:
-    """The flags a checkpoint was written with (None for a checkpoint written before they were recorded)."""
+def read_training_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's `training_state.json`: its step, skipped steps and (unless written before they were
+    recorded) the flags it was written with."""
     state_path = path / TRAINING_STATE_NAME
     try:
-        return json.loads(state_path.read_text()).get("flags")
+        return json.loads(state_path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} has no {TRAINING_STATE_NAME}: not a complete vqstack checkpoint") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
