@@ -14,7 +14,7 @@ import numbers
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from tqdm.auto import tqdm
 
 from prior import Prior, load_prior
+from prior.sampling import check_generators
 from tokenizer import VQTokenizer
 from tokenizer.model_card import GENERATED_CARD_MARKER, remove_generated_card
 from tokenizer.weights import hub_unreachable_error
@@ -124,9 +125,16 @@ class GenerationPipeline:
     @torch.no_grad()
     def __call__(self, num_images: int = 1, labels: Sequence[int | str] | torch.Tensor | int | str | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 guidance_scale: float = 1.0, batch_size: int = 64, generator: torch.Generator | None = None,
+                 guidance_scale: float = 1.0, batch_size: int = 64,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  seed: int | None = None, output_type: str = "pil", progress: bool = True) -> GenerationOutput:
-        """Sample `num_images` grids in batches of `batch_size` and decode them."""
+        """Sample `num_images` grids in batches of `batch_size` and decode them.
+
+        Randomness: `seed` gives image i its own generator, seeded by `image_seed(seed, i)`, so the images do not
+        depend on `batch_size` (nor, in `generate_distributed`, on the number of processes). `generator` is either
+        a list of `num_images` generators, one per image (the same independence), or one generator shared by the
+        whole call, whose draws then depend on how the images are batched.
+        """
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive int, got {num_images!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -136,15 +144,17 @@ class GenerationPipeline:
         if generator is not None and seed is not None:
             raise ValueError("pass either generator or seed, not both")
         if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = image_generators(seed, range(num_images), self.device)
+        check_generators(generator, num_images)
         label_ids = self._label_ids(labels, num_images)
         grids, images = [], []
         starts = range(0, num_images, batch_size)
         for start in tqdm(starts, desc="generating", disable=not progress or len(starts) == 1):
             count = min(batch_size, num_images - start)
             batch_labels = None if label_ids is None else label_ids[start:start + count].to(self.device)
+            batch_generator = generator if not isinstance(generator, Sequence) else generator[start:start + count]
             indices = self.prior.sample(count, labels=batch_labels, temperature=temperature, top_k=top_k, top_p=top_p,
-                                        guidance_scale=guidance_scale, generator=generator)  # (b, h, w)
+                                        guidance_scale=guidance_scale, generator=batch_generator)  # (b, h, w)
             grids.append(indices.cpu())
             images.append(self.tokenizer.decode(indices).cpu())  # (b, C, H, W) in [-1, 1]
         pixels = torch.cat(images)
@@ -309,28 +319,31 @@ def pipeline_model_card(pipeline: GenerationPipeline, sample_grid: str | None) -
     return ModelCard("\n".join(lines))
 
 
-def process_seed(seed: int, process_index: int) -> int:
-    """Process 0 samples with `seed` itself (a one-process run is `pipeline(..., seed=seed)`); the others with a
-    seed derived from (seed, process index), so that runs with neighbouring seeds share no images (with seed + i,
-    process 1 of seed 0 would repeat process 0 of seed 1)."""
-    if process_index == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, process_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def image_seed(seed: int, index: int) -> int:
+    """Seed of image `index` of a request with `seed`: derived from the pair, so that neighbouring seeds share no
+    images (with seed + index, image 1 of seed 0 would repeat image 0 of seed 1)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def image_generators(seed: int, indices: Iterable[int], device: torch.device | str) -> list[torch.Generator]:
+    """One generator per image of `indices`, seeded by `image_seed(seed, index)`."""
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, index)) for index in indices]
 
 
 def generate_distributed(pipeline: GenerationPipeline, num_images: int, labels: Sequence[int] | None = None,
                          seed: int = 0, **sampling: Any) -> GenerationOutput | None:
     """Split a request over all `accelerate` processes; the main process gets every image, the others None.
 
-    Process i samples its share with `process_seed(seed, i)`, so the result is reproducible for a given world size.
+    Image i is sampled with its own generator, seeded by `image_seed(seed, i)` whichever process samples it: the
+    result is that of `pipeline(num_images, seed=seed)` in one process, whatever the number of processes.
     """
     state = PartialState(cpu=cpu_only_multiprocess())
     pipeline.to(state.device)
     positions = list(range(num_images))
     with state.split_between_processes(positions) as mine:
         local_labels = [labels[i] for i in mine] if labels is not None else None
-        out = pipeline(len(mine), labels=local_labels, seed=process_seed(seed, state.process_index),
-                       output_type="np", **sampling) if mine else None
+        generators = image_generators(seed, mine, pipeline.device)
+        out = pipeline(len(mine), labels=local_labels, generator=generators, output_type="np", **sampling) if mine else None
         shard = [] if out is None else list(zip(mine, out.images, out.indices.numpy()))
     gathered = gather_object(shard)
     if not state.is_main_process:

@@ -28,7 +28,14 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from .configuration import PriorConfig, config_from_dict
-from .sampling import _filter_logits, check_filter_args, guide_logits, sample_from_logits
+from .sampling import (
+    Generators,
+    _filter_logits,
+    check_filter_args,
+    check_generators,
+    guide_logits,
+    sample_from_logits,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -140,7 +147,7 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
         top_k: int | None = None,
         top_p: float | None = None,
         guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         use_cache: bool = True,
     ) -> Tensor:
         """Sample grids, LongTensor (batch_size, h, w), in raster order.
@@ -149,12 +156,15 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
         conditional prior runs one doubled batch (rows with the labels, rows with the null class) that shares
         each sampled token, and samples from `uncond + scale * (cond - uncond)` on log-probs (Ho & Salimans
         2022). `use_cache=False` recomputes every position from scratch (reference path for tests/benchmarks).
+        `generator`: one `torch.Generator` for the whole batch, or a list of `batch_size` generators, one per grid;
+        grid i then depends only on `generator[i]` (and its label), not on the batch it is sampled in.
         """
         if not isinstance(batch_size, int) or isinstance(batch_size, bool):
             raise TypeError(f"batch_size must be an int, got {batch_size!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_filter_args(temperature, top_k, top_p)
+        check_generators(generator, batch_size)
         device = self._device()
         class_ids = self._class_ids(labels, batch_size, device)
         guided = self._check_guidance(guidance_scale, labels)
@@ -167,7 +177,7 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
 
     def _sample_tokens(self, class_ids: Tensor | None, batch_size: int, guided: bool, temperature: float,
                        top_k: int | None, top_p: float | None, guidance_scale: float,
-                       generator: torch.Generator | None, use_cache: bool) -> Tensor:
+                       generator: Generators, use_cache: bool) -> Tensor:
         """The token-by-token loop of `sample`, on validated arguments."""
         device = self._device()
         stream = self._logit_stream(class_ids, batch_size * (2 if guided else 1), use_cache)

@@ -7,6 +7,7 @@ guidance differences do not depend on autocast.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -66,14 +67,37 @@ def _filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p:
     return logits
 
 
-def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def check_generators(generator: Generators, rows: int) -> None:
+    """Validate `generator`: None, one `torch.Generator`, or a sequence of exactly `rows` of them."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, Sequence) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise TypeError(f"generator must be a torch.Generator, a list of them (one per sample) or None, got {generator!r}")
+    if len(generator) != rows:
+        raise ValueError(f"a list of generators needs one per sample: got {len(generator)} for {rows} samples")
+
+
+def _uniforms(rows: int, generator: Generators, device: torch.device) -> Tensor:
+    """(rows, 1) uniform numbers in [0, 1): from one generator, or row i from `generator[i]`."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(rows, 1, generator=generator, device=device)
+    return torch.cat([torch.rand(1, 1, generator=g, device=device) for g in generator])
+
+
+def sample_from_logits(logits: Tensor, generator: Generators = None) -> Tensor:
     """Draw one token per row of `logits` (N, K) from softmax(logits); returns LongTensor (N,).
 
     Inverse-CDF sampling: one uniform number per row, located in the cumulative distribution. Unlike
     `torch.multinomial`, which draws K exponential variates per row, its cost is one random number per row,
     which matters when sampling one token at a time. A token of probability 0 is never returned: its CDF
     entry equals the previous one, so it is never the first entry above u * total (searchsorted, right=True).
+    `generator` is one generator for all rows, or a list with one per row: row i then depends only on
+    `generator[i]`, whatever the other rows are (diffusers' per-image generators).
     """
+    check_generators(generator, logits.shape[0])
     probs = logits.float().softmax(dim=-1)  # (N, K)
     cdf = probs.cumsum(dim=-1)  # (N, K)
     if not bool(torch.isfinite(cdf[:, -1]).all()):
@@ -82,7 +106,7 @@ def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None)
         bad = (~torch.isfinite(cdf[:, -1])).nonzero().flatten().tolist()
         raise ValueError(f"logits of rows {bad[:5]} contain NaN or +inf; cannot sample from them (check the prior's "
                          "weights and the guidance scale)")
-    uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)  # (N, 1) in [0, 1)
+    uniform = _uniforms(cdf.shape[0], generator, cdf.device)  # (N, 1) in [0, 1)
     tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # (N, 1)
     return tokens.squeeze(-1)
 

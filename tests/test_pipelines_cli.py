@@ -261,15 +261,15 @@ def test_generate_command_rejects_bad_requests(workdir, tmp_path):
               "--num_images", "2", "--labels", "all"])
 
 
-def test_generate_label_names_win_over_ids_and_process_seeds_do_not_collide(workdir, tmp_path):
-    from pipelines.generation import _parse_labels, process_seed
+def test_generate_label_names_win_over_ids_and_image_seeds_do_not_collide(workdir, tmp_path):
+    from pipelines.generation import _parse_labels, image_seed
 
     pipe = GenerationPipeline.from_pretrained(workdir / "pipe")
     pipe.class_names = ["0", "1", "10", "2", "3", "4", "5", "6", "7", "8"]  # image-folder classes, sorted as strings
     assert _parse_labels(["2"], pipe, 2) == [3, 3]  # the class named "2", as pipe(labels="2") gives
     assert pipe._label_ids("2", 1).tolist() == [3]
-    seeds = {(seed, rank): process_seed(seed, rank) for seed in range(4) for rank in range(4)}
-    assert len(set(seeds.values())) == len(seeds) and process_seed(5, 0) == 5
+    seeds = {(seed, index): image_seed(seed, index) for seed in range(8) for index in range(8)}
+    assert len(set(seeds.values())) == len(seeds) and all(0 <= value < 2**63 for value in seeds.values())
     with pytest.raises(FileNotFoundError, match="neither a folder written by save_pretrained nor a Hub repo id"):
         GenerationPipeline.from_pretrained(tmp_path / "no" / "such" / "pipeline")
 
@@ -581,6 +581,40 @@ def test_two_process_generate_returns_distinct_images(workdir, tmp_path):
     indices = np.load(tmp_path / "gen" / "indices.npy")
     assert indices.shape == (6, 8, 8)
     assert len({row.tobytes() for row in indices}) == 6
+    # Image i has its own seed whichever process samples it: the same images as one process (generate's --seed 0).
+    one_process = GenerationPipeline.from_pretrained(workdir / "pipe")(6, seed=0, output_type="np", progress=False)
+    np.testing.assert_array_equal(indices, one_process.indices.numpy())
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_seeded_images_do_not_depend_on_the_batch_size(workdir, guidance_scale):
+    pipe = GenerationPipeline.from_pretrained(workdir / "pipe")
+    request = dict(labels=[0, 1, 2, 0, 1], seed=3, guidance_scale=guidance_scale, top_k=8, output_type="pt",
+                   progress=False)
+    whole = pipe(5, batch_size=5, **request)
+    for batch_size in (1, 2):
+        split = pipe(5, batch_size=batch_size, **request)
+        assert torch.equal(split.indices, whole.indices)
+        torch.testing.assert_close(split.images, whole.images)
+    # Image i depends on (seed, i) alone: a shorter request is a prefix of a longer one, another seed differs.
+    assert torch.equal(pipe(2, **{**request, "labels": [0, 1]}).indices, whole.indices[:2])
+    assert not torch.equal(pipe(5, **{**request, "seed": 4}).indices, whole.indices)
+
+
+def test_generator_lists_give_one_generator_per_image(workdir):
+    from pipelines.generation import image_generators
+
+    pipe = GenerationPipeline.from_pretrained(workdir / "pipe")
+    listed = pipe(3, labels=2, generator=image_generators(9, range(3), "cpu"), batch_size=2, output_type="pt",
+                  progress=False)
+    assert torch.equal(listed.indices, pipe(3, labels=2, seed=9, output_type="pt", progress=False).indices)
+    with pytest.raises(ValueError, match="a list of generators needs one per sample: got 2 for 3 samples"):
+        pipe(3, labels=2, generator=image_generators(9, range(2), "cpu"), progress=False)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, a list of them"):
+        pipe(3, labels=2, generator=[1, 2, 3], progress=False)
+    # One shared generator keeps its meaning: its draws follow the batching.
+    shared = pipe(3, labels=2, generator=torch.Generator().manual_seed(9), output_type="pt", progress=False)
+    assert shared.indices.shape == (3, 8, 8)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -299,3 +299,20 @@ def test_sampling_runs_without_dropout_and_keeps_the_training_mode():
     assert prior.training and all(module.training for module in prior.modules())
     eval_sample = prior.eval().sample(2, labels=[0, 1], generator=torch.Generator().manual_seed(1))
     assert torch.equal(eval_sample, samples[0]) and not prior.training
+
+
+def test_per_row_generators_make_each_grid_independent_of_its_batch(make_prior):
+    prior = make_prior(grid_shape=(4, 4), codebook_size=16, num_classes=3)
+    seeds = [11, 12, 13]
+    batch = prior.sample(3, labels=[0, 1, 2], top_k=6, guidance_scale=2.0,
+                         generator=[torch.Generator().manual_seed(s) for s in seeds])
+    for row, (seed, label) in enumerate(zip(seeds, [0, 1, 2])):
+        alone = prior.sample(1, labels=[label], top_k=6, guidance_scale=2.0,
+                             generator=[torch.Generator().manual_seed(seed)])
+        assert torch.equal(alone[0], batch[row])
+    with pytest.raises(ValueError, match="one per sample: got 2 for 3 samples"):
+        prior.sample(3, labels=[0, 1, 2], generator=[torch.Generator(), torch.Generator()])
+    logits = torch.randn(4, 10)
+    tokens = sample_from_logits(logits, [torch.Generator().manual_seed(i) for i in range(4)])
+    assert tokens.shape == (4,) and torch.equal(
+        tokens[2:], sample_from_logits(logits[2:], [torch.Generator().manual_seed(i) for i in (2, 3)]))
