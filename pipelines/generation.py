@@ -31,7 +31,7 @@ from prior import Prior, load_prior
 from prior.sampling import check_generators
 from tokenizer import VQTokenizer
 from tokenizer.model_card import GENERATED_CARD_MARKER, remove_generated_card
-from tokenizer.weights import hub_unreachable_error
+from tokenizer.weights import create_model_repo, hub_unreachable_error
 
 from .images import image_grid, save_image
 from .training import cpu_only_multiprocess
@@ -224,10 +224,9 @@ class GenerationPipeline:
         """Upload both parts, `pipeline.json`, a sample grid and one model card covering everything.
 
         `private=True` creates a private repo and refuses an existing public one (the Hub would keep it public)."""
-        from .hub import create_repo
 
         api = HfApi(token=token)
-        repo_id = create_repo(api, repo_id, private)
+        repo_id = create_model_repo(api, repo_id, private)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             self.save_pretrained(folder)

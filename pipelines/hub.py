@@ -9,6 +9,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from tokenizer.model_card import GENERATED_CARD_MARKER
+from tokenizer.weights import create_model_repo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,24 +35,10 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
     card = folder / "README.md"
     api = HfApi(token=token)
     if card.is_file() and GENERATED_CARD_MARKER not in card.read_text(errors="replace"):
-        repo = create_repo(api, repo_id, private)
+        repo = create_model_repo(api, repo_id, private)
         return str(api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
                                      commit_message=f"Upload {folder.name} (vqstack)", delete_patterns=stale))
-    if private:  # push_to_hub creates the repo itself, but would upload into an existing public one
-        repo_id = create_repo(api, repo_id, private)
-    return str(model.push_to_hub(repo_id, token=token, private=private))
-
-
-def create_repo(api: HfApi, repo_id: str, private: bool | None) -> str:
-    """Create the repo `repo_id` unless it exists, and return its full id. With `private`, an existing public repo
-    is refused: `create_repo(private=True, exist_ok=True)` leaves an existing repo's visibility as it is. The check
-    reads the id `create_repo` returns, so that a bare name is looked up in the account's own namespace."""
-    repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if private and not api.repo_info(repo, repo_type="model").private:
-        raise PermissionError(f"--private was given, but the Hub repo {repo!r} already exists and is public: "
-                              "nothing was uploaded. Make it private on the Hub (or with HfApi.update_repo_settings) "
-                              "first, or push to a new repo id")
-    return repo
+    return str(model.push_to_hub(repo_id, token=token, private=private))  # refuses an existing public repo too
 
 
 def _load_folder(folder: Path):

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
@@ -297,9 +297,12 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """ModelHubMixin.push_to_hub; a training_metrics.json that an earlier push left in the repo is deleted unless
-        this prior uploads its own (the Hub keeps files an upload does not replace)."""
+        this prior uploads its own (the Hub keeps files an upload does not replace). With `private=True`, an existing
+        public repo is refused (PermissionError) before anything is uploaded."""
         stale = kwargs.pop("delete_patterns", None) or []
         stale = [stale] if isinstance(stale, str) else list(stale)
+        if kwargs.get("private"):  # ModelHubMixin would upload into an existing public repo
+            repo_id = _create_private_repo(HfApi(token=kwargs.get("token")), repo_id)
         return super().push_to_hub(repo_id, delete_patterns=[*stale, TRAINING_METRICS_NAME], **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -534,3 +537,14 @@ def load_prior(
     """Load any saved prior, dispatching on the `prior_type` recorded in its config.json."""
     return Prior.from_pretrained(pretrained_model_name_or_path, map_location=map_location, **hub_kwargs)
 
+
+def _create_private_repo(api: HfApi, repo_id: str) -> str:
+    """Create the private model repo `repo_id` unless it exists; refuse an existing public one (`create_repo` leaves
+    an existing repo's visibility as it is). The tokenizer's `create_model_repo` twin: `prior` does not import
+    `tokenizer`."""
+    repo = api.create_repo(repo_id, private=True, exist_ok=True).repo_id
+    if not api.repo_info(repo, repo_type="model").private:
+        raise PermissionError(f"a private push was asked for, but the Hub repo {repo!r} already exists and is public: "
+                              "nothing was uploaded. Make it private on the Hub (or with HfApi.update_repo_settings) "
+                              "first, or push to a new repo id")
+    return repo

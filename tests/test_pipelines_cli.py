@@ -515,12 +515,20 @@ def test_push_private_refuses_an_existing_public_repo(workdir):
             main(["push", str(workdir / "tok" / "tokenizer"), "--repo_id", "me/tok", "--private"])
         with pytest.raises(PermissionError, match="already exists and is public"):
             GenerationPipeline.from_pretrained(workdir / "pipe").push_to_hub("me/pipe", private=True)
+        # The tokenizer's and prior's own push_to_hub (ModelHubMixin's would upload into the public repo).
+        with pytest.raises(PermissionError, match="already exists and is public: nothing was uploaded"):
+            VQTokenizer.from_pretrained(workdir / "tok" / "tokenizer").push_to_hub("me/tok", private=True)
+        with pytest.raises(PermissionError, match="already exists and is public: nothing was uploaded"):
+            load_prior(workdir / "prior" / "prior").push_to_hub("me/prior", private=True)
+        with pytest.raises(PermissionError, match="already exists and is public"):
+            main(["push", str(workdir / "prior" / "prior"), "--repo_id", "me/prior", "--private"])
     upload.assert_not_called()
     with mock.patch("huggingface_hub.HfApi.create_repo", return_value=mock.Mock(repo_id="me/tok")), \
             mock.patch("huggingface_hub.HfApi.upload_folder", upload), \
             mock.patch("huggingface_hub.HfApi.repo_info", return_value=mock.Mock(private=True)):
         main(["push", str(workdir / "tok" / "tokenizer"), "--repo_id", "me/tok", "--private"])
-    upload.assert_called_once()
+        load_prior(workdir / "prior" / "prior").push_to_hub("me/prior", private=True)
+    assert upload.call_count == 2
 
 
 def test_train_prior_push_sends_the_saved_pipeline(workdir, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, ModelHubMixin
+from huggingface_hub import HfApi, ModelCard, ModelHubMixin
 from safetensors.torch import save
 from torch import nn
 
@@ -21,7 +21,14 @@ from .configuration import VQTokenizerConfig
 from .image_processor import PROCESSOR_CONFIG_NAME, VQImageProcessor
 from .model_card import remove_generated_card, tokenizer_model_card
 from .quantizers import CodebookStats, build_quantizer
-from .weights import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_strict, resolve_file, write_file_atomically
+from .weights import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    create_model_repo,
+    load_state_dict_strict,
+    resolve_file,
+    write_file_atomically,
+)
 
 TRAINING_INFO_NAME = "training_info.json"
 PIXEL_RANGE_TOLERANCE = 0.01  # accepted overshoot of [-1, 1] (resampling filters ring slightly past the range)
@@ -239,9 +246,12 @@ class VQTokenizer(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqsta
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """ModelHubMixin.push_to_hub; a training_info.json that an earlier push left in the repo is deleted unless
-        this tokenizer uploads its own (the Hub keeps files an upload does not replace)."""
+        this tokenizer uploads its own (the Hub keeps files an upload does not replace). With `private=True`, an existing
+        public repo is refused (PermissionError) before anything is uploaded."""
         stale = kwargs.pop("delete_patterns", None) or []
         stale = [stale] if isinstance(stale, str) else list(stale)
+        if kwargs.get("private"):  # ModelHubMixin would upload into an existing public repo
+            repo_id = create_model_repo(HfApi(token=kwargs.get("token")), repo_id, private=True)
         return super().push_to_hub(repo_id, delete_patterns=[*stale, TRAINING_INFO_NAME], **kwargs)
 
     def _save_pretrained(self, save_directory: Path) -> None:

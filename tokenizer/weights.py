@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -53,6 +53,19 @@ def hub_unreachable_error(repo_id: str, what: str, error: BaseException) -> OSEr
     return OSError(f"could not download {what} from the Hub repo {repo_id!r} (no network or repo not cached): "
                    f"{error}. Download the repo elsewhere (e.g. `hf download {repo_id} --local-dir DIR`), copy the "
                    "folder here and pass its path instead.")
+
+
+def create_model_repo(api: HfApi, repo_id: str, private: bool | None) -> str:
+    """Create the model repo `repo_id` unless it exists, and return its full id. With `private`, an existing public
+    repo is refused: `create_repo(private=True, exist_ok=True)` leaves an existing repo's visibility as it is, so an
+    upload would go up public. The check reads the id `create_repo` returns, so that a bare name is looked up in the
+    account's own namespace."""
+    repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if private and not api.repo_info(repo, repo_type="model").private:
+        raise PermissionError(f"a private push was asked for, but the Hub repo {repo!r} already exists and is public: "
+                              "nothing was uploaded. Make it private on the Hub (or with HfApi.update_repo_settings) "
+                              "first, or push to a new repo id")
+    return repo
 
 
 def write_file_atomically(path: str | Path, data: bytes | str) -> None:
