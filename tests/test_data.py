@@ -378,7 +378,7 @@ def test_multi_label_column_is_not_taken_as_class_labels(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: datasets.DatasetDict({"train": multi_label}))
     data = load_image_dataset(dataset_name="user/tagged", validation_split=0.34)
     assert data["train"].column_names == ["image"] and (len(data["train"]), len(data["validation"])) == (2, 1)
-    with pytest.raises(ValueError, match="label_column='labels' holds"):
+    with pytest.raises(ValueError, match=r"label_column \(--label_column\) 'labels' holds"):
         load_image_dataset(dataset_name="user/tagged", label_column="labels")
 
 
@@ -388,7 +388,7 @@ def test_missing_image_column_lists_available_columns(monkeypatch):
     with pytest.raises(ValueError, match=r"no Image column.*text \(Value\), score \(Value\)"):
         load_image_dataset(dataset_name="user/text")
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: _fake_hub_dataset({"train": [0, 1]}))
-    with pytest.raises(ValueError, match=r"image_column='picture' is not a column.*caption.*img.*fine_label"):
+    with pytest.raises(ValueError, match=r"image_column \(--image_column\) 'picture' is not a column.*caption.*img.*fine_label"):
         load_image_dataset(dataset_name="user/images", image_column="picture")
 
 

@@ -168,7 +168,7 @@ def test_streaming_keeps_class_names_and_refuses_a_mistyped_label_column(tokeniz
     tokens, metadata = load_token_dataset(tmp_path / "tokens")
     assert metadata["class_names"] == ["cats", "dogs"] and metadata["num_classes"] == 2
     assert tokens["train"].features["label"].names == ["cats", "dogs"]
-    with pytest.raises(ValueError, match="label_column='lable' is not a column of the dataset; its columns are"):
+    with pytest.raises(ValueError, match=r"label_column \(--label_column\) 'lable' is not a column of the dataset; its columns are"):
         encode.main(streaming_flags(tokenizer_dir, folder, tmp_path / "other", "--label_column", "lable"))
     with pytest.raises(ValueError, match="non-negative integer class ids"):
         encode._label_id("dog", "species")

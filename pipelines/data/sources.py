@@ -235,19 +235,19 @@ def _find_columns(
     if image_column is None:
         candidates = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
         if not candidates:
-            raise ValueError(f"the dataset has no Image column; pass image_column= one of its columns: {described}")
+            raise ValueError(f"the dataset has no Image column; pass image_column= (--image_column) one of its columns: {described}")
         image_column = "image" if "image" in candidates else candidates[0]
         if len(candidates) > 1:
             warnings.warn(f"the dataset has several Image columns {candidates}: using {image_column!r}; pass "
                           "image_column= (--image_column) to choose another", stacklevel=3)
     elif image_column not in features:
-        raise ValueError(f"image_column={image_column!r} is not a column of the dataset; its columns are: {described}")
+        raise ValueError(f"image_column (--image_column) {image_column!r} is not a column of the dataset; its columns are: {described}")
     if label_column is None:  # only a column that can hold class ids; multi-label lists, for one, are left out
         label_column = next(
             (name for name in LABEL_COLUMN_CANDIDATES if name in features and _is_class_label(features[name])), None
         )
     elif label_column not in features:
-        raise ValueError(f"label_column={label_column!r} is not a column of the dataset; its columns are: {described}")
+        raise ValueError(f"label_column (--label_column) {label_column!r} is not a column of the dataset; its columns are: {described}")
     return image_column, label_column
 
 
@@ -292,7 +292,7 @@ def _labels_to_class_ids(split: datasets.Dataset, class_names: list[str] | None,
     if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
         return split.cast_column("label", datasets.Value("int64"))
     raise ValueError(
-        f"label_column={label_key!r} holds {feature}; expected integer class ids, a ClassLabel or strings"
+        f"label_column (--label_column) {label_key!r} holds {feature}; expected integer class ids, a ClassLabel or strings"
     )
 
 
