@@ -224,7 +224,6 @@ class GenerationPipeline:
         """Upload both parts, `pipeline.json`, a sample grid and one model card covering everything.
 
         `private=True` creates a private repo and refuses an existing public one (the Hub would keep it public)."""
-
         api = HfApi(token=token)
         repo_id = create_model_repo(api, repo_id, private)
         with tempfile.TemporaryDirectory() as tmp:

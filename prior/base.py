@@ -31,10 +31,10 @@ from .configuration import PriorConfig, config_from_dict
 from .sampling import (
     Generators,
     _filter_logits,
+    _sample_from_logits,
     check_filter_args,
     check_generators,
     guide_logits,
-    sample_from_logits,
 )
 
 CONFIG_NAME = "config.json"
@@ -186,7 +186,7 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
         for position in range(self.config.num_tokens):
             if guided:
                 logits = guide_logits(logits[:batch_size], logits[batch_size:], guidance_scale)
-            token = sample_from_logits(_filter_logits(logits, temperature, top_k, top_p), generator)  # (B,)
+            token = _sample_from_logits(_filter_logits(logits, temperature, top_k, top_p), generator)  # (B,)
             tokens[:, position] = token
             if position + 1 < self.config.num_tokens:
                 logits = stream.send(token.repeat(2) if guided else token)

@@ -98,6 +98,11 @@ def sample_from_logits(logits: Tensor, generator: Generators = None) -> Tensor:
     `generator[i]`, whatever the other rows are (diffusers' per-image generators).
     """
     check_generators(generator, logits.shape[0])
+    return _sample_from_logits(logits, generator)
+
+
+def _sample_from_logits(logits: Tensor, generator: Generators) -> Tensor:
+    """`sample_from_logits` without the generator check, for the per-token sampling loops."""
     probs = logits.float().softmax(dim=-1)  # (N, K)
     cdf = probs.cumsum(dim=-1)  # (N, K)
     if not bool(torch.isfinite(cdf[:, -1]).all()):
