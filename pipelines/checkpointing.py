@@ -37,14 +37,17 @@ def checkpoint_step(path: str | Path) -> int:
     return int(match.group(1))
 
 
-def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
-    """The checkpoint to resume from: a path, "latest" (None when there is none yet), or None."""
+def resolve_resume(output_dir: str | Path, resume_from_checkpoint: str | None, *, quiet: bool = False) -> Path | None:
+    """The checkpoint to resume from: a path, "latest" (None when there is none yet), or None.
+
+    "latest" with no checkpoint yet logs that a new run starts, unless `quiet` (a look-up before the resume itself)."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
-            logger.info("no checkpoint in %s yet: starting a new run", output_dir)
+            if not quiet:
+                logger.info("no checkpoint in %s yet: starting a new run", output_dir)
             return None
         return checkpoints[-1]
     path = Path(resume_from_checkpoint)

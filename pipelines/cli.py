@@ -2,11 +2,17 @@
 
 `vqstack <command> --help` shows a command's flags; the same flags work with the matching
 `accelerate launch scripts/<script>.py` entry point.
+
+Bad input (a `ValueError` or `OSError`: a wrong flag value, a missing file, an unreachable Hub) ends the command
+with one line, `vqstack <command>: error: <message>`, and exit status 1. Set `VQSTACK_TRACEBACK=1` to get the
+full traceback instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from importlib import import_module
 
 # command -> (module with build_parser() and main(argv), one-line summary)
@@ -27,11 +33,48 @@ def _usage() -> str:
     lines = ["usage: vqstack <command> [options]", "", "Discrete image generation: VQ tokenizers and priors.", "",
              "commands:"]
     lines += [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items()]
-    lines += ["", "Run `vqstack <command> --help` for the options of a command."]
+    lines += ["", "Run `vqstack <command> --help` for the options of a command.",
+              "Errors print one line; set VQSTACK_TRACEBACK=1 for the full traceback."]
     return "\n".join(lines)
 
 
+# What bad input raises: flag values, files and folders, the network. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def run_reporting_errors(program: str, function: Callable[[], object]) -> int:
+    """Run `function`; bad input (`USER_ERRORS`) prints `<program>: error: <message>` and returns 1, else 0.
+
+    The traceback is shown instead when the environment sets VQSTACK_TRACEBACK to anything but "" or "0".
+    """
+    try:
+        function()
+    except USER_ERRORS as error:
+        if os.environ.get("VQSTACK_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_script(program: str, main: Callable[[], object]) -> None:
+    """The `scripts/*.py` entry points: `main()` with errors reported as `vqstack` reports them."""
+    sys.exit(run_reporting_errors(program, main))
+
+
+def console_main() -> int:
+    """The `vqstack` executable: `main()` with one-line errors (see the module docstring)."""
+    argv = sys.argv[1:]
+    if not argv or argv[0] not in COMMANDS:
+        return main(argv)
+    return run_reporting_errors(f"vqstack {argv[0]}", lambda: main(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a `vqstack` command; errors propagate as exceptions (`console_main` is the executable)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -51,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

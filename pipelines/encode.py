@@ -31,7 +31,7 @@ from accelerate import PartialState
 from tokenizer import VQImageProcessor, VQTokenizer
 from tokenizer.weights import write_file_atomically
 
-from .data._checks import check_positive_int
+from .data._checks import check_positive_int, check_resolution_flag
 from .data.sources import (
     DEFAULT_RESOLUTION,
     DEFAULT_VALIDATION_SPLIT,
@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
             args.resolution = DEFAULT_RESOLUTION
             logger.warning("the tokenizer records no training resolution: encoding at %dpx (set --resolution)",
                            DEFAULT_RESOLUTION)
+    check_resolution_flag(args.resolution, tokenizer.downsample_factor)
     if args.streaming:
         if args.validation_split is None:  # a stream's split is by position: no training run's split to follow
             args.validation_split = DEFAULT_VALIDATION_SPLIT

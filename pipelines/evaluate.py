@@ -100,8 +100,10 @@ def apply_training_split_defaults(args, tokenizer: VQTokenizer) -> None:
     info = tokenizer.training_info
     same_data = _same_data(info.get("dataset"), args)
     if not same_data and (args.seed is None or args.validation_split is None):
-        print(f"not the training data ({info.get('dataset')!r}): the held-out split is drawn with the defaults "
-              "(--seed 0 and the usual --validation_split) unless given", file=sys.stderr)
+        trained_on = (f"not the training data ({info['dataset']!r})" if info.get("dataset") is not None
+                      else "the tokenizer records no training data")
+        print(f"{trained_on}: the held-out split is drawn with the defaults (--seed 0 and the usual "
+              "--validation_split) unless given", file=sys.stderr)
     if args.seed is None:
         args.seed = info.get("seed", 0) if same_data else 0
     if args.validation_split is None:
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizer.losses.perceptual import SMALLEST_INPUT
 
     from .data import collate_images
-    from .data._checks import check_positive_int
+    from .data._checks import check_positive_int, check_resolution_flag
     from .data.sources import DEFAULT_RESOLUTION
     from .fid import ReconstructionFID, fid_weights_cache_path, resolve_fid_weights
     from .train_tokenizer import load_data
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         fid.feature.to(device)
     if args.resolution is None:
         args.resolution = tokenizer.trained_resolution or DEFAULT_RESOLUTION
+    check_resolution_flag(args.resolution, tokenizer.downsample_factor)
     lpips_skipped = None
     if perceptual is not None and args.resolution < SMALLEST_INPUT[perceptual.net_name]:
         lpips_skipped = (f"LPIPS not computed: its {perceptual.net_name} trunk needs images of at least "

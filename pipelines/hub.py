@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 from tokenizer.model_card import GENERATED_CARD_MARKER
 from tokenizer.weights import create_model_repo
@@ -23,6 +26,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The HTTP libraries huggingface_hub has been built on: their transport errors (no network, DNS, timeouts) reach the
+# caller raw, naming neither the Hub nor the repo.
+_HTTP_LIBRARIES = frozenset({"httpx", "httpx2", "requests", "urllib3"})
+
+
+def _is_network_error(error: BaseException) -> bool:
+    if isinstance(error, (HfHubHTTPError, OSError)):  # the Hub answered (its message says why), or already an OSError
+        return False
+    return any(cls.__module__.split(".")[0] in _HTTP_LIBRARIES for cls in type(error).__mro__)
+
+
+@contextlib.contextmanager
+def hub_push_errors(folder: str | Path, repo_id: str) -> Iterator[None]:
+    """Turn a failure to reach the Hub during a push of `folder` into a `ConnectionError` that names the Hub, the
+    repo and the saved folder, and says how to push it later."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
+        raise ConnectionError(
+            f"could not reach the Hugging Face Hub to push to {repo_id!r} ({type(error).__name__}: {error}). Nothing "
+            f"was lost: {folder} is saved; push it once the Hub is reachable, with `vqstack push {folder} --repo_id "
+            f"{repo_id}`") from error
+
+
 def push_folder(folder: str | Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
     """Load what `folder` holds (validating it) and push it.
 
@@ -34,11 +63,12 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
     model, stale = _load_folder(folder)
     card = folder / "README.md"
     api = HfApi(token=token)
-    if card.is_file() and GENERATED_CARD_MARKER not in card.read_text(errors="replace"):
-        repo = create_model_repo(api, repo_id, private)
-        return str(api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
-                                     commit_message=f"Upload {folder.name} (vqstack)", delete_patterns=stale))
-    return str(model.push_to_hub(repo_id, token=token, private=private))  # refuses an existing public repo too
+    with hub_push_errors(folder, repo_id):
+        if card.is_file() and GENERATED_CARD_MARKER not in card.read_text(errors="replace"):
+            repo = create_model_repo(api, repo_id, private)
+            return str(api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
+                                         commit_message=f"Upload {folder.name} (vqstack)", delete_patterns=stale))
+        return str(model.push_to_hub(repo_id, token=token, private=private))  # refuses an existing public repo too
 
 
 def _load_folder(folder: Path):

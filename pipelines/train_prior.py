@@ -20,6 +20,7 @@ from prior.sampling import check_filter_args
 
 from .encode import load_token_dataset, tokenizer_digest
 from .generation import GenerationPipeline, replace_saved_pipeline
+from .hub import hub_push_errors
 from .images import image_grid, save_image
 from .training import (
     ExponentialMovingAverage,
@@ -53,7 +54,8 @@ def add_prior_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens_dir", type=str, required=True, help="a folder written by `vqstack encode`")
     parser.add_argument("--prior", type=str, default="transformer", choices=sorted(PRIORS))
     parser.add_argument("--prior_config", type=str, default="base",
-                        help="a preset name of the chosen prior (tiny, base) or a config.json path")
+                        help="a preset name of the chosen prior or a config.json path: "
+                             + "; ".join(f"{name}: {', '.join(config.presets)}" for name, (_, config) in PRIORS.items()))
     parser.add_argument("--label_dropout", type=float, default=None, help="class dropout for guidance (default: preset)")
     parser.add_argument("--pkeep", type=float, default=None, help="Transformer: keep-probability of input codes")
     parser.add_argument("--unconditional", action="store_true", help="ignore the labels of the token dataset")
@@ -175,7 +177,8 @@ def train_prior(args: argparse.Namespace) -> Path:
     if tokenizer is not None and accelerator.is_main_process:
         pipeline = save_pipeline(tokenizer, prior_dir, metadata, Path(args.output_dir) / "pipeline")
         if args.push_to_hub:
-            pipeline.push_to_hub(args.hub_model_id, token=args.hub_token)
+            with hub_push_errors(Path(args.output_dir) / "pipeline", args.hub_model_id):
+                pipeline.push_to_hub(args.hub_model_id, token=args.hub_token)
     return prior_dir
 
 

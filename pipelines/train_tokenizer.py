@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from tokenizer import VQTokenizer, VQTokenizerConfig
+from tokenizer.configuration import PRESETS
 from tokenizer.losses import NLayerDiscriminator, VQGANLoss, VQGANLossConfig
 from tokenizer.losses.perceptual import SMALLEST_INPUT
 
 from .checkpointing import resolve_resume
 from .data import collate_images, infer_channels, load_image_dataset, set_image_transforms
+from .data._checks import check_resolution_flag
 from .data.sources import DEFAULT_RESOLUTION, DEFAULT_VALIDATION_SPLIT
 from .evaluate import evaluate_tokenizer
 from .images import image_grid, save_image
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=str, default="small-f4",
-                        help="a tokenizer preset name (tiny, small-f4, f8-16384, f16-16384) or a config.json path")
+                        help=f"a tokenizer preset name ({', '.join(PRESETS)}) or a config.json path")
     parser.add_argument("--in_channels", type=int, choices=(1, 3), default=None,
                         help="image channels (default: 1 if every training image is grayscale, else 3)")
     parser.add_argument("--codebook_size", type=int, default=None, help="override the preset's codebook size")
@@ -116,7 +118,7 @@ def resolve_quantizer_seed(args: argparse.Namespace) -> int:
     A resumed run keeps the one its checkpoint was trained with. Checkpoints record it among their flags (as
     `quantizer_seed`); one written before they did comes from a run whose quantizer used seed 0.
     """
-    path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    path = resolve_resume(args.output_dir, args.resume_from_checkpoint, quiet=True)  # maybe_resume logs it
     if path is None:
         return args.seed
     flags = read_training_state(path).get("flags")
@@ -178,6 +180,8 @@ def train_tokenizer(args: argparse.Namespace) -> Path:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     check_loss_args(args)
+    # Before anything is written: the config's layout, not its channels or seed, sets the downsampling factor.
+    check_resolution_flag(args.resolution, build_tokenizer_config(args, args.in_channels or 3, 0).downsample_factor)
     accelerator = make_accelerator(args)
     with accelerator.main_process_first():
         datasets, channels, source = load_data(args, args.in_channels)

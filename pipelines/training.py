@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tokenizer.weights import write_file_atomically
 
 from .checkpointing import check_output_dir, checkpoint_step, resolve_resume, save_checkpoint
+from .hub import hub_push_errors
 
 logger = logging.getLogger(__name__)
 TRAINING_STATE_NAME = "training_state.json"
@@ -105,7 +106,8 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--ema_decay {args.ema_decay} applies with --use_ema only; add --use_ema or drop --ema_decay")
     ignored = [f"--{name}" for name in ("hub_model_id", "hub_token") if getattr(args, name) and not args.push_to_hub]
     if ignored:
-        raise ValueError(f"{' and '.join(ignored)} apply with --push_to_hub only; add --push_to_hub or drop them")
+        verb, pronoun = ("applies", "it") if len(ignored) == 1 else ("apply", "them")
+        raise ValueError(f"{' and '.join(ignored)} {verb} with --push_to_hub only; add --push_to_hub or drop {pronoun}")
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -361,6 +363,10 @@ _BOOKKEEPING_FLAGS = _SECRET_FLAGS | frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_train_steps", "checkpointing_steps",
     "checkpoints_total_limit", "validation_steps", "report_to", "push_to_hub", "hub_model_id",
     "no_progress", "dataloader_num_workers", "max_nonfinite_steps",
+    # what validation writes: the tokenizer's reconstructions and metrics, the prior's sample grid (drawn from a
+    # generator of its own, so the training stream does not depend on them)
+    "num_validation_images", "max_validation_batches", "num_validation_samples", "guidance_scale", "temperature",
+    "top_k",
 })
 SCHEDULES_WITHOUT_TOTAL = frozenset({"constant", "constant_with_warmup"})  # the others decay over max_train_steps
 
@@ -559,6 +565,7 @@ def export_trained_model(accelerator: Accelerator, model: nn.Module, ema: Expone
         annotate(trained)
         trained.save_pretrained(folder)
         if args.push_to_hub and push:
-            trained.push_to_hub(args.hub_model_id, token=args.hub_token)
+            with hub_push_errors(folder, args.hub_model_id):
+                trained.push_to_hub(args.hub_model_id, token=args.hub_token)
     accelerator.end_training()
     return folder

@@ -395,7 +395,8 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
                 )
             except LocalEntryNotFoundError as error:
                 raise OSError(
-                    f"could not download {filename} from the Hub repo {model_id!r} (no network or repo not cached): "
+                    f"no local folder {model_id!r} exists, and as a Hub repo id it failed: could not download "
+                    f"{filename} from the Hub repo {model_id!r} (no network or repo not cached): "
                     f"{error}. Download the repo elsewhere (e.g. `hf download {model_id} --local-dir DIR`), copy the "
                     "folder here and pass its path instead."
                 ) from error

@@ -192,7 +192,7 @@ def test_exactly_one_source(kwargs):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"embedded": "cifar"}, "embedded must be one of"),
+        ({"embedded": "cifar"}, r"embedded \(--dataset\) must be one of"),
         ({"embedded": "digits", "validation_split": 1.5}, "validation_split must lie strictly between 0 and 1"),
         ({"embedded": "digits", "max_samples": 0}, "max_samples must be a positive int"),
         ({"embedded": "digits", "dataset_config_name": "plain_text"}, "dataset_config_name='plain_text'"),
@@ -276,7 +276,7 @@ def _write_truncated_jpeg(path: Path) -> None:
 
 def test_broken_files_are_skipped_with_a_warning(folder_with_broken_files, tmp_path):
     _write_truncated_jpeg(folder_with_broken_files / "truncated.jpg")
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\)"):
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\).*strict_data=True \(--strict_data\)"):
         data = load_image_dataset(train_data_dir=str(folder_with_broken_files), validation_split=0.25,
                                   cache_dir=str(tmp_path / "cache"))
     assert len(data["train"]) + len(data["validation"]) == 6
@@ -289,7 +289,7 @@ def test_truncated_file_raises_in_strict_mode(folder_with_broken_files, tmp_path
     _write_truncated_jpeg(folder_with_broken_files / "truncated.jpg")
     with Image.open(folder_with_broken_files / "truncated.jpg") as image:
         image.verify()  # opening and verifying pass: only decoding the pixels reveals the truncation
-    with pytest.raises(ValueError, match=r"unreadable image '.*truncated\.jpg'"):
+    with pytest.raises(ValueError, match=r"unreadable image '.*truncated\.jpg'.*strict_data=False \(no --strict_data\)"):
         load_image_dataset(train_data_dir=str(folder_with_broken_files), strict_data=True, validation_split=0.5,
                            cache_dir=str(tmp_path / "cache"))
 
@@ -506,8 +506,14 @@ def test_folder_without_images_names_the_problem(tmp_path):
                                          ({"label_column": "y"}, "label_column"),
                                          ({"validation_split": 0.5}, "validation_split")])
 def test_embedded_datasets_refuse_flags_that_do_not_apply(flags, named):
-    with pytest.raises(ValueError, match=f"{named} do not apply to the embedded dataset 'digits'"):
+    with pytest.raises(ValueError, match=rf"{named} \(--{named}\) does not apply to the embedded dataset 'digits'"):
         load_image_dataset(embedded="digits", **flags)
+
+
+def test_embedded_dataset_flags_that_do_not_apply_are_named_together():
+    with pytest.raises(ValueError, match=r"image_column \(--image_column\), validation_split \(--validation_split\) do "
+                                         "not apply"):
+        load_image_dataset(embedded="digits", image_column="img", validation_split=0.5)
 
 
 # ------------------------------------------------------------------------------------------ review findings

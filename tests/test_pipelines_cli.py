@@ -738,9 +738,12 @@ def test_offline_hub_loads_of_priors_and_pipelines_say_what_to_do(monkeypatch):
 
     monkeypatch.setattr(prior_base, "hf_hub_download", offline)
     monkeypatch.setattr(generation, "snapshot_download", offline)
-    with pytest.raises(OSError, match="config.json from the Hub repo 'me/prior'.*hf download me/prior --local-dir"):
+    # A mistyped local folder reads like a repo id: the message says that no such folder exists either.
+    with pytest.raises(OSError, match="no local folder 'me/prior' exists.*config.json from the Hub repo 'me/prior'"
+                                      ".*hf download me/prior --local-dir"):
         load_prior("me/prior")
-    with pytest.raises(OSError, match="pipeline from the Hub repo 'me/pipe'.*hf download me/pipe --local-dir"):
+    with pytest.raises(OSError, match="no local folder 'me/pipe' exists.*pipeline from the Hub repo 'me/pipe'"
+                                      ".*hf download me/pipe --local-dir"):
         GenerationPipeline.from_pretrained("me/pipe")
     with pytest.raises(TypeError, match="unexpected keyword argument 'map_loaction'"):
         GenerationPipeline.from_pretrained("me/pipe", map_loaction="cpu")  # was dropped silently for a folder

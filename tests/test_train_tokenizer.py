@@ -1,6 +1,7 @@
 """Tokenizer training: a smoke run on an image folder, exact resume, two processes, the offline LPIPS error."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -339,7 +340,9 @@ def test_resume_with_other_training_flags_names_them(tmp_path, caplog):
     state = json.loads((tmp_path / "run" / "checkpoint-1" / "training_state.json").read_text())
     assert state["flags"]["adversarial_weight"] == 0.1 and "hub_token" not in state["flags"]
     with caplog.at_level("WARNING", logger="pipelines.training"):
-        run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", *common])  # extended: nothing to say
+        # extended, and validation writes less: nothing to say, as neither changes what is trained
+        run(["--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--num_validation_images", "4",
+             "--max_validation_batches", "1", *common])
     assert "flags other than" not in caplog.text
     with caplog.at_level("WARNING", logger="pipelines.training"):
         run(["--max_train_steps", "3", "--resume_from_checkpoint", "latest", *common[:-len(TINY)],
@@ -347,7 +350,7 @@ def test_resume_with_other_training_flags_names_them(tmp_path, caplog):
     assert "--adversarial_weight 0.1 -> 0.3, --learning_rate 0.0002 -> 0.001" in caplog.text
 
 
-def test_new_run_refuses_to_replace_an_earlier_runs_outputs(tmp_path):
+def test_new_run_refuses_to_replace_an_earlier_runs_outputs(tmp_path, caplog):
     """A run without checkpoints left there (deleted, or it stopped before the first one) still owns its
     validation log and exported tokenizer: a new run wiped the log before its first step."""
     out = tmp_path / "run"
@@ -360,7 +363,10 @@ def test_new_run_refuses_to_replace_an_earlier_runs_outputs(tmp_path):
     with pytest.raises(FileExistsError, match=r"earlier run \(validation/, tokenizer/\).*--overwrite_output_dir"):
         run(common)
     assert (out / "validation" / "metrics.jsonl").read_text() == log
-    run([*common, "--resume_from_checkpoint", "latest"])  # "latest" with no checkpoint continues: a new run
+    with caplog.at_level(logging.INFO, logger="pipelines.checkpointing"):
+        run([*common, "--resume_from_checkpoint", "latest"])  # "latest" with no checkpoint continues: a new run
+    # said once, though the quantizer's seed looks the checkpoint up before the resume does
+    assert [r.getMessage() for r in caplog.records].count(f"no checkpoint in {out} yet: starting a new run") == 1
     run([*common, "--overwrite_output_dir"])
 
 
@@ -505,8 +511,10 @@ def test_resuming_a_checkpoint_without_a_scaler_under_fp16_names_the_flag(tmp_pa
 
 @pytest.mark.parametrize("flags, message", [
     (["--ema_decay", "0.99"], "--ema_decay 0.99 applies with --use_ema only"),
-    (["--hub_model_id", "me/tok"], "--hub_model_id apply with --push_to_hub only"),
-    (["--hub_token", "hf_x"], "--hub_token apply with --push_to_hub only"),
+    (["--hub_model_id", "me/tok"], "--hub_model_id applies with --push_to_hub only; add --push_to_hub or drop it"),
+    (["--hub_token", "hf_x"], "--hub_token applies with --push_to_hub only"),
+    (["--hub_model_id", "me/tok", "--hub_token", "hf_x"],
+     "--hub_model_id and --hub_token apply with --push_to_hub only; add --push_to_hub or drop them"),
 ])
 def test_flags_of_a_feature_that_is_off_are_refused(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
@@ -518,6 +526,14 @@ def test_a_resolution_too_small_for_lpips_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="--resolution 8 is too small for the LPIPS loss"):
         run(["--dataset", "digits", "--output_dir", str(tmp_path / "run"), "--resolution", "8", *TINY,
              "--perceptual_weight", "1"])
+
+
+def test_flags_of_the_prior_validation_samples_are_not_recorded_as_training_flags():
+    from pipelines.training import _recorded_flags
+
+    args = SimpleNamespace(num_validation_samples=4, guidance_scale=2.0, temperature=0.9, top_k=5, learning_rate=1e-3,
+                           lr_scheduler="constant")
+    assert _recorded_flags(args) == {"learning_rate": 1e-3, "lr_scheduler": "constant"}
 
 
 def test_seed_also_seeds_the_quantizer_and_a_resume_keeps_the_checkpoints(tmp_path, caplog):

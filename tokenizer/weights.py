@@ -50,7 +50,8 @@ def resolve_file(model_id: str, filename: str, *, required: bool = True, **hub_k
 
 def hub_unreachable_error(repo_id: str, what: str, error: BaseException) -> OSError:
     """The error for a download from the Hub repo `repo_id` that found neither the network nor a cached copy."""
-    return OSError(f"could not download {what} from the Hub repo {repo_id!r} (no network or repo not cached): "
+    return OSError(f"no local folder {repo_id!r} exists, and as a Hub repo id it failed: could not download {what} "
+                   f"from the Hub repo {repo_id!r} (no network or repo not cached): "
                    f"{error}. Download the repo elsewhere (e.g. `hf download {repo_id} --local-dir DIR`), copy the "
                    "folder here and pass its path instead.")
 

@@ -83,13 +83,15 @@ def load_image_dataset(
 
     if embedded is not None:
         # Fixed columns and a fixed held-out split: flags that choose them would otherwise be ignored silently.
-        ignored = [flag for flag, given in (("image_column", image_column is not None),
-                                            ("label_column", label_column is not None),
-                                            ("validation_split", validation_split != DEFAULT_VALIDATION_SPLIT))
+        ignored = [f"{name} (--{name})" for name, given in (("image_column", image_column is not None),
+                                                             ("label_column", label_column is not None),
+                                                             ("validation_split",
+                                                              validation_split != DEFAULT_VALIDATION_SPLIT))
                    if given]
         if ignored:
-            raise ValueError(f"{', '.join(ignored)} do not apply to the embedded dataset {embedded!r}: its columns and "
-                             "its held-out split are fixed (see load_embedded_dataset)")
+            verb = "does" if len(ignored) == 1 else "do"
+            raise ValueError(f"{', '.join(ignored)} {verb} not apply to the embedded dataset {embedded!r}: its columns "
+                             "and its held-out split are fixed (see load_embedded_dataset)")
         # Generating fewer images is cheaper than generating all of them and dropping most.
         return load_embedded_dataset(embedded, resolution=resolution, seed=seed, num_train=max_samples)
 
@@ -142,7 +144,7 @@ def _check_source(dataset_name: str | None, train_data_dir: str | None, embedded
             f"(one of {EMBEDDED_DATASETS}); got {given or 'none'}"
         )
     if embedded is not None and embedded not in EMBEDDED_DATASETS:
-        raise ValueError(f"embedded must be one of {EMBEDDED_DATASETS}, got {embedded!r}")
+        raise ValueError(f"embedded (--dataset) must be one of {EMBEDDED_DATASETS}, got {embedded!r}")
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -329,7 +331,8 @@ def _drop_unreadable_images(splits: datasets.DatasetDict, *, strict: bool) -> da
             if strict:
                 raise ValueError(
                     f"unreadable image {first_bad} ({len(bad)} unreadable image(s) in the {name!r} split); "
-                    "fix or remove the file(s), or pass strict_data=False to skip them with a warning"
+                    "fix or remove the file(s), or pass strict_data=False (no --strict_data) to skip them with a "
+                    "warning"
                 )
             splits[name] = split.select([index for index, ok in enumerate(readable) if ok])
             skipped[name] = len(bad)
@@ -339,7 +342,7 @@ def _drop_unreadable_images(splits: datasets.DatasetDict, *, strict: bool) -> da
         counts = ", ".join(f"{count} in {name!r}" for name, count in skipped.items())
         warnings.warn(
             f"skipped {sum(skipped.values())} unreadable image(s) ({counts}); first: {first_bad}. "
-            "Pass strict_data=True to raise instead.",
+            "Pass strict_data=True (--strict_data) to raise instead.",
             stacklevel=3,
         )
     return splits
