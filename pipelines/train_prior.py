@@ -18,6 +18,7 @@ import torch
 from prior import PixelCNNConfig, PixelCNNPrior, Prior, TransformerPrior, TransformerPriorConfig, load_prior
 from prior.sampling import check_filter_args
 
+from .checkpointing import resolve_resume
 from .encode import load_token_dataset, tokenizer_digest
 from .generation import GenerationPipeline, replace_saved_pipeline
 from .hub import hub_push_errors
@@ -37,6 +38,7 @@ from .training import (
     make_scheduler,
     maybe_resume,
     progress_bar,
+    read_training_state,
     run_training_steps,
     training_dataloader,
     unwrap_float32,
@@ -152,6 +154,9 @@ def train_prior(args: argparse.Namespace) -> Path:
     # modules would otherwise shift label dropout and pkeep after a resume.
     with torch.random.fork_rng(devices=[]):
         tokenizer = _load_tokenizer(args, metadata)
+    # Recorded with the checkpoints' flags: codes of another tokenizer mean other things, so a resume refuses them.
+    args.tokens_tokenizer_sha256 = metadata.get("tokenizer_sha256")
+    _check_resumed_tokens(args)
     step = maybe_resume(accelerator, args, guard, extra_state, outputs=("prior", "pipeline"))
     init_trackers(accelerator, args, "vqstack-prior")
 
@@ -180,6 +185,22 @@ def train_prior(args: argparse.Namespace) -> Path:
             with hub_push_errors(Path(args.output_dir) / "pipeline", args.hub_model_id):
                 pipeline.push_to_hub(args.hub_model_id, token=args.hub_token)
     return prior_dir
+
+
+def _check_resumed_tokens(args: argparse.Namespace) -> None:
+    """Refuse to resume on token data that another tokenizer encoded than the data the checkpoint trained on.
+
+    Checkpoints record the digest of the tokenizer that encoded their --tokens_dir (`tokens_tokenizer_sha256`);
+    older ones, and token data encoded before digests were recorded, are not checked."""
+    path = resolve_resume(args.output_dir, args.resume_from_checkpoint, quiet=True)
+    if path is None:
+        return
+    trained_on = (read_training_state(path).get("flags") or {}).get("tokens_tokenizer_sha256")
+    if trained_on is not None and args.tokens_tokenizer_sha256 is not None and trained_on != args.tokens_tokenizer_sha256:
+        raise ValueError(
+            f"--tokens_dir {args.tokens_dir} was encoded by another tokenizer (sha256 {args.tokens_tokenizer_sha256[:12]}…) "
+            f"than the token data checkpoint {path} trained on ({trained_on[:12]}…): its codes mean other things. "
+            "Resume on token data encoded by the original tokenizer, or start a new run")
 
 
 def save_pipeline(tokenizer, prior_dir: Path, metadata: dict, folder: Path) -> GenerationPipeline:

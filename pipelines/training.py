@@ -368,6 +368,7 @@ _BOOKKEEPING_FLAGS = _SECRET_FLAGS | frozenset({
     "num_validation_images", "max_validation_batches", "num_validation_samples", "guidance_scale", "temperature",
     "top_k",
 })
+DERIVED_FLAGS = frozenset({"quantizer_seed", "tokens_tokenizer_sha256"})  # recorded with the flags, set by the scripts
 SCHEDULES_WITHOUT_TOTAL = frozenset({"constant", "constant_with_warmup"})  # the others decay over max_train_steps
 
 
@@ -396,8 +397,9 @@ def _warn_changed_flags(path: Path, saved: dict[str, Any] | None, current: dict[
         return
     if "max_train_steps" not in saved and saved.get("lr_scheduler") == current.get("lr_scheduler"):
         current = {name: value for name, value in current.items() if name != "max_train_steps"}  # not recorded then
-    # Derived from --seed and the checkpoint (see train_tokenizer), not a flag: a change of --seed is named as such.
-    saved, current = ({name: value for name, value in flags.items() if name != "quantizer_seed"}
+    # Derived, not flags: the quantizer seed from --seed and the checkpoint (see train_tokenizer), so a change of
+    # --seed is named as such; the token data's tokenizer digest is checked by train_prior itself.
+    saved, current = ({name: value for name, value in flags.items() if name not in DERIVED_FLAGS}
                       for flags in (saved, current))
     changed = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
     if changed:

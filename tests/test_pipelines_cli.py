@@ -89,6 +89,24 @@ def test_class_names_argument_is_checked(workdir):
         GenerationPipeline(pipe.tokenizer, pipe.prior, class_names="0123456789")
 
 
+def test_train_prior_resume_refuses_tokens_of_another_tokenizer(workdir, tmp_path):
+    """Re-encoding --tokens_dir with another tokenizer between runs gave codes that mean other things, silently."""
+    common = ["train-prior", "--prior", "pixelcnn", "--prior_config", "tiny", "--train_batch_size", "8",
+              "--checkpointing_steps", "1", "--validation_steps", "100", "--output_dir", str(tmp_path / "run"), *QUIET]
+    main([*common, "--tokens_dir", str(workdir / "tokens"), "--max_train_steps", "1"])
+    state = json.loads((tmp_path / "run" / "checkpoint-1" / "training_state.json").read_text())
+    digest = load_token_dataset(workdir / "tokens")[1]["tokenizer_sha256"]
+    assert state["flags"]["tokens_tokenizer_sha256"] == digest
+    reencoded = shutil.copytree(workdir / "tokens", tmp_path / "tokens")
+    for params in reencoded.glob("*/params.json"):  # as `vqstack encode` records another tokenizer
+        params.write_text(json.dumps({**json.loads(params.read_text()), "tokenizer_sha256": "f" * 64}))
+    with pytest.raises(ValueError, match=r"--tokens_dir .* was encoded by another tokenizer \(sha256 ffffffffffff…\) "
+                                         rf"than the token data checkpoint .*checkpoint-1 trained on \({digest[:12]}…\)"):
+        main([*common, "--tokens_dir", str(reencoded), "--max_train_steps", "2", "--resume_from_checkpoint", "latest"])
+    main([*common, "--tokens_dir", str(workdir / "tokens"), "--max_train_steps", "2", "--resume_from_checkpoint",
+          "latest"])  # the original token data resumes
+
+
 def test_train_prior_resume_with_tokenizer_equals_uninterrupted_run(workdir, tmp_path):
     """Label dropout and pkeep draw random numbers: loading --tokenizer must not shift them after a resume."""
     common = ["train-prior", "--tokens_dir", str(workdir / "tokens"), "--prior", "transformer", "--prior_config",
