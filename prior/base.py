@@ -134,7 +134,8 @@ class Prior(nn.Module, ModelHubMixin, library_name="vqstack", tags=["vqstack", "
         return token_log_probs.flatten(1).sum(dim=1)
 
     def bits_per_token(self, indices: Tensor, labels: LabelsLike = None) -> Tensor:
-        """Scalar -mean log2 p(token | previous, label) over all tokens of the batch."""
+        """Scalar -mean log2 p(token | previous, label) over all tokens of the batch; differentiable, as `log_prob`
+        is (wrap the call in `torch.no_grad()` to evaluate without building a graph)."""
         log_prob = self.log_prob(indices, labels)  # (B,)
         return -log_prob.mean() / (self.config.num_tokens * math.log(2.0))
 
