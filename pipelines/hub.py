@@ -32,24 +32,25 @@ _HTTP_LIBRARIES = frozenset({"httpx", "httpx2", "requests", "urllib3"})
 
 
 def _is_network_error(error: BaseException) -> bool:
-    if isinstance(error, (HfHubHTTPError, OSError)):  # the Hub answered (its message says why), or already an OSError
+    if isinstance(error, HfHubHTTPError):  # the Hub answered: its message says why
         return False
+    # requests' ConnectionError and Timeout are OSErrors too: the library that raised, not the type, decides
     return any(cls.__module__.split(".")[0] in _HTTP_LIBRARIES for cls in type(error).__mro__)
 
 
 @contextlib.contextmanager
-def hub_push_errors(folder: str | Path, repo_id: str) -> Iterator[None]:
+def hub_push_errors(folder: str | Path, repo_id: str, private: bool | None = None) -> Iterator[None]:
     """Turn a failure to reach the Hub during a push of `folder` into a `ConnectionError` that names the Hub, the
-    repo and the saved folder, and says how to push it later."""
+    repo and the saved folder, and gives the `vqstack push` command (with `--private` when `private`) to retry."""
     try:
         yield
     except Exception as error:
         if not _is_network_error(error):
             raise
+        retry = f"vqstack push {folder} --repo_id {repo_id}" + (" --private" if private else "")
         raise ConnectionError(
             f"could not reach the Hugging Face Hub to push to {repo_id!r} ({type(error).__name__}: {error}). Nothing "
-            f"was lost: {folder} is saved; push it once the Hub is reachable, with `vqstack push {folder} --repo_id "
-            f"{repo_id}`") from error
+            f"was lost: {folder} is saved; push it once the Hub is reachable, with `{retry}`") from error
 
 
 def push_folder(folder: str | Path, repo_id: str, token: str | None = None, private: bool | None = None) -> str:
@@ -63,7 +64,7 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
     model, stale = _load_folder(folder)
     card = folder / "README.md"
     api = HfApi(token=token)
-    with hub_push_errors(folder, repo_id):
+    with hub_push_errors(folder, repo_id, private):
         if card.is_file() and GENERATED_CARD_MARKER not in card.read_text(errors="replace"):
             repo = create_model_repo(api, repo_id, private)
             return str(api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",

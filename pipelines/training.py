@@ -399,8 +399,10 @@ def _warn_changed_flags(path: Path, saved: dict[str, Any] | None, current: dict[
         current = {name: value for name, value in current.items() if name != "max_train_steps"}  # not recorded then
     # Derived, not flags: the quantizer seed from --seed and the checkpoint (see train_tokenizer), so a change of
     # --seed is named as such; the token data's tokenizer digest is checked by train_prior itself.
-    saved, current = ({name: value for name, value in flags.items() if name not in DERIVED_FLAGS}
-                      for flags in (saved, current))
+    # Bookkeeping flags too: checkpoints written before a flag became one (the validation flags) recorded it.
+    # (--max_train_steps is recorded, and compared, when the schedule is laid out over it: see `_recorded_flags`.)
+    ignored = DERIVED_FLAGS | (_BOOKKEEPING_FLAGS - {"max_train_steps"})
+    saved, current = ({name: value for name, value in flags.items() if name not in ignored} for flags in (saved, current))
     changed = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
     if changed:
         logger.warning("resuming from %s with flags other than the run that wrote it: %s. The run continues with the "

@@ -58,6 +58,12 @@ def test_programming_errors_keep_their_traceback(monkeypatch, capsys):
             run_console(monkeypatch, capsys, "generate", "--pipeline", "x")
 
 
+def test_an_interrupt_ends_with_status_130_and_one_line(monkeypatch, capsys):
+    with mock.patch("pipelines.generation.main", side_effect=KeyboardInterrupt):
+        status, err = run_console(monkeypatch, capsys, "generate", "--pipeline", "x")
+    assert (status, err) == (130, "vqstack generate: interrupted\n")
+
+
 def test_usage_errors_and_help_are_unchanged(monkeypatch, capsys):
     assert run_console(monkeypatch, capsys, "fly")[0] == 2
     assert run_console(monkeypatch, capsys)[0] == 0
@@ -67,8 +73,9 @@ def test_usage_errors_and_help_are_unchanged(monkeypatch, capsys):
 
 
 def test_accelerate_launchable_scripts_report_errors_the_same_way(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--pipeline",
-                             str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    command = [sys.executable, str(REPO / "scripts" / "generate.py"), "--pipeline", str(tmp_path / "missing"),
+               "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("generate.py: error: ")
     assert "Traceback" not in result.stderr
@@ -106,6 +113,23 @@ def test_push_without_network_names_the_hub_the_repo_and_the_saved_folder(monkey
     assert status == 1
     assert "could not reach the Hugging Face Hub to push to 'me/tok' (ConnectError: Name or service not known)" in err
     assert f"vqstack push {tokenizer_folder} --repo_id me/tok" in err
+
+
+def test_a_private_push_that_failed_is_retried_private(tokenizer_folder):
+    with pytest.raises(ConnectionError, match=f"`vqstack push {tokenizer_folder} --repo_id me/tok --private`"):
+        with hub_push_errors(tokenizer_folder, "me/tok", private=True):
+            raise ConnectError("timed out")
+
+
+def test_transport_errors_that_are_oserrors_are_recognised(tokenizer_folder):
+    """requests' ConnectionError (huggingface_hub before 1.0) is an OSError: the library decides, not the type."""
+    RequestsConnectionError = type("ConnectionError", (OSError,), {"__module__": "requests.exceptions"})
+    with pytest.raises(ConnectionError, match="could not reach the Hugging Face Hub"):
+        with hub_push_errors(tokenizer_folder, "me/tok"):
+            raise RequestsConnectionError("Max retries exceeded")
+    with pytest.raises(PermissionError, match="already exists and is public"):  # vqstack's own OSErrors pass through
+        with hub_push_errors(tokenizer_folder, "me/tok"):
+            raise PermissionError("a private push was asked for, but the Hub repo 'me/tok' already exists and is public")
 
 
 def test_push_errors_from_the_hub_itself_pass_through(tokenizer_folder):

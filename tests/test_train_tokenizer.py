@@ -528,6 +528,20 @@ def test_a_resolution_too_small_for_lpips_fails_before_training(tmp_path):
              "--perceptual_weight", "1"])
 
 
+def test_checkpoints_that_recorded_the_validation_flags_resume_without_a_warning(caplog):
+    """Checkpoints written before the validation flags became bookkeeping recorded them among their flags."""
+    from pipelines.training import _recorded_flags, _warn_changed_flags
+
+    args = SimpleNamespace(learning_rate=1e-3, lr_scheduler="cosine", max_train_steps=10, num_validation_images=4)
+    old = {**_recorded_flags(args), "num_validation_images": 16, "max_validation_batches": 8}
+    with caplog.at_level("WARNING", logger="pipelines.training"):
+        _warn_changed_flags(Path("checkpoint-5"), old, _recorded_flags(args))
+    assert "flags other than" not in caplog.text
+    with caplog.at_level("WARNING", logger="pipelines.training"):  # a decaying schedule still compares its length
+        _warn_changed_flags(Path("checkpoint-5"), {**old, "max_train_steps": 20}, _recorded_flags(args))
+    assert "--max_train_steps 20 -> 10" in caplog.text and "validation" not in caplog.text
+
+
 def test_flags_of_the_prior_validation_samples_are_not_recorded_as_training_flags():
     from pipelines.training import _recorded_flags
 
