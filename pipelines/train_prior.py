@@ -18,7 +18,6 @@ import torch
 from prior import PixelCNNConfig, PixelCNNPrior, Prior, TransformerPrior, TransformerPriorConfig, load_prior
 from prior.sampling import check_filter_args
 
-from .checkpointing import resolve_resume
 from .encode import load_token_dataset, tokenizer_digest
 from .generation import GenerationPipeline, replace_saved_pipeline
 from .hub import hub_push_errors
@@ -38,7 +37,7 @@ from .training import (
     make_scheduler,
     maybe_resume,
     progress_bar,
-    read_training_state,
+    recorded_resume_flags,
     run_training_steps,
     training_dataloader,
     unwrap_float32,
@@ -180,9 +179,10 @@ def train_prior(args: argparse.Namespace) -> Path:
     # that fails at the end of the run must not cost the saved pipeline.
     prior_dir = export_trained_model(accelerator, model, ema, args, "prior", annotate, push=tokenizer is None)
     if tokenizer is not None and accelerator.is_main_process:
-        pipeline = save_pipeline(tokenizer, prior_dir, metadata, Path(args.output_dir) / "pipeline")
+        pipeline_dir = Path(args.output_dir) / "pipeline"
+        pipeline = save_pipeline(tokenizer, prior_dir, metadata, pipeline_dir)
         if args.push_to_hub:
-            with hub_push_errors(Path(args.output_dir) / "pipeline", args.hub_model_id):
+            with hub_push_errors(pipeline_dir, args.hub_model_id):
                 pipeline.push_to_hub(args.hub_model_id, token=args.hub_token)
     return prior_dir
 
@@ -192,10 +192,8 @@ def _check_resumed_tokens(args: argparse.Namespace) -> None:
 
     Checkpoints record the digest of the tokenizer that encoded their --tokens_dir (`tokens_tokenizer_sha256`);
     older ones, and token data encoded before digests were recorded, are not checked."""
-    path = resolve_resume(args.output_dir, args.resume_from_checkpoint, quiet=True)
-    if path is None:
-        return
-    trained_on = (read_training_state(path).get("flags") or {}).get("tokens_tokenizer_sha256")
+    path, flags = recorded_resume_flags(args)
+    trained_on = (flags or {}).get("tokens_tokenizer_sha256")
     if trained_on is not None and args.tokens_tokenizer_sha256 is not None and trained_on != args.tokens_tokenizer_sha256:
         raise ValueError(
             f"--tokens_dir {args.tokens_dir} was encoded by another tokenizer (sha256 {args.tokens_tokenizer_sha256[:12]}…) "

@@ -19,7 +19,6 @@ from tokenizer.configuration import PRESETS
 from tokenizer.losses import NLayerDiscriminator, VQGANLoss, VQGANLossConfig
 from tokenizer.losses.perceptual import SMALLEST_INPUT
 
-from .checkpointing import resolve_resume
 from .data import collate_images, infer_channels, load_image_dataset, set_image_transforms
 from .data._checks import check_resolution_flag
 from .data.sources import DEFAULT_RESOLUTION, DEFAULT_VALIDATION_SPLIT
@@ -40,7 +39,7 @@ from .training import (
     make_scheduler,
     maybe_resume,
     progress_bar,
-    read_training_state,
+    recorded_resume_flags,
     run_training_steps,
     training_dataloader,
     unwrap_float32,
@@ -118,10 +117,9 @@ def resolve_quantizer_seed(args: argparse.Namespace) -> int:
     A resumed run keeps the one its checkpoint was trained with. Checkpoints record it among their flags (as
     `quantizer_seed`); one written before they did comes from a run whose quantizer used seed 0.
     """
-    path = resolve_resume(args.output_dir, args.resume_from_checkpoint, quiet=True)  # maybe_resume logs it
+    path, flags = recorded_resume_flags(args)
     if path is None:
         return args.seed
-    flags = read_training_state(path).get("flags")
     if flags is None or "quantizer_seed" not in flags:
         logger.info("checkpoint %s predates --seed seeding the quantizer: its quantizer seed 0 is kept", path)
         return 0

@@ -379,6 +379,14 @@ def _recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(json.dumps(flags, default=str))  # as written and read back
 
 
+def recorded_resume_flags(args: argparse.Namespace) -> tuple[Path | None, dict[str, Any] | None]:
+    """(the checkpoint --resume_from_checkpoint names, the flags it recorded), for checks that run before
+    `maybe_resume` (which logs the look-up). (None, None) for a new run; the flags are None for a checkpoint written
+    before they were recorded."""
+    path = resolve_resume(args.output_dir, args.resume_from_checkpoint, quiet=True)
+    return (None, None) if path is None else (path, read_training_state(path).get("flags"))
+
+
 def read_training_state(path: Path) -> dict[str, Any]:
     """A checkpoint's `training_state.json`: its step, skipped steps and (unless written before they were
     recorded) the flags it was written with."""
